@@ -1,0 +1,328 @@
+"""Integrations: one sending identity each, stored as one Secrets Manager secret.
+
+The secret's JSON (DESIGN.md, "Integrations") is validated into a typed model per provider.
+Validation errors name the bad field and never echo a value: pydantic's messages are rebuilt
+from locations and types only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mailbroker.errors import InvalidIntegration, UnknownIntegration
+
+DEFAULT_MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
+DEFAULT_MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
+DEFAULT_GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
+
+# Per-provider default sending limits (Microsoft 365: 30 messages a minute, 3 connections a mailbox).
+PROVIDER_LIMITS: dict[str, dict[str, int]] = {
+    "microsoft": {"messages_per_minute": 30, "max_connections": 3},
+    "google": {"messages_per_minute": 60, "max_connections": 3},
+    "google_service_account": {"messages_per_minute": 60, "max_connections": 3},
+}
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() in {"localhost", "localhost.localdomain"}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def is_forbidden_address(host: str) -> bool:
+    """Link-local and instance-metadata addresses never receive a credential."""
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if addr.is_link_local:
+        return True
+    return addr == ipaddress.ip_address("fd00:ec2::254")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class SmtpEndpoint(_Model):
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(default=587, ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _safe_transport(self) -> SmtpEndpoint:
+        if is_forbidden_address(self.host):
+            raise ValueError("smtp.host is a link-local or instance-metadata address")
+        if self.security == "none" and not is_loopback_host(self.host):
+            raise ValueError("security 'none' is only allowed to a loopback host: credentials never travel in clear")
+        return self
+
+
+class Sender(_Model):
+    email: str = Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+    name: str | None = Field(default=None, max_length=200)
+
+
+class Limits(_Model):
+    messages_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+    max_connections: int | None = Field(default=None, ge=1, le=100)
+    recipients_per_day: int | None = Field(default=None, ge=1)
+
+
+def _https_url(value: str, field_name: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname or "")):
+        raise ValueError(f"{field_name} must be an https URL")
+    if not parts.hostname:
+        raise ValueError(f"{field_name} has no host")
+    if is_forbidden_address(parts.hostname):
+        raise ValueError(f"{field_name} points at a link-local or instance-metadata address")
+    return value.rstrip("/") if field_name == "authority" else value
+
+
+class _IntegrationBase(_Model):
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    smtp: SmtpEndpoint
+    username: str = Field(min_length=1, max_length=254)
+    senders: list[Sender] = Field(default_factory=list)
+    usage: list[str] = Field(default_factory=lambda: ["transactional"])
+    limits: Limits = Field(default_factory=Limits)
+    smtp_check: bool = False  # the keeper runs the live SMTP check for this integration
+
+    @property
+    def uses_refresh_token(self) -> bool:
+        return False
+
+    def allowed_senders(self) -> set[str]:
+        return {s.email.lower() for s in self.senders} | {self.username.lower()}
+
+    def effective_limits(self) -> Limits:
+        defaults = PROVIDER_LIMITS.get(self.provider, {})  # type: ignore[attr-defined]
+        merged = {**defaults, **{k: v for k, v in self.limits.model_dump().items() if v is not None}}
+        return Limits(**merged)
+
+    def redacted(self) -> dict[str, Any]:
+        """The integration as JSON with every secret field replaced by '********'."""
+        return json.loads(self.model_dump_json())
+
+
+class MicrosoftIntegration(_IntegrationBase):
+    provider: Literal["microsoft"]
+    tenant_id: str = Field(min_length=1, max_length=128)
+    client_id: str = Field(min_length=1, max_length=128)
+    client_secret: SecretStr
+    authority: str = DEFAULT_MICROSOFT_AUTHORITY
+    scope: str = DEFAULT_MICROSOFT_SCOPE
+    client_secret_expires_at: str | None = None
+
+    _v_authority = field_validator("authority")(lambda v: _https_url(v, "authority"))
+
+
+class GoogleIntegration(_IntegrationBase):
+    provider: Literal["google"]
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    refresh_token: SecretStr
+    token_uri: str = DEFAULT_GOOGLE_TOKEN_URI
+    scope: str = GOOGLE_MAIL_SCOPE
+
+    _v_token_uri = field_validator("token_uri")(lambda v: _https_url(v, "token_uri"))
+
+    @property
+    def uses_refresh_token(self) -> bool:
+        return True
+
+
+class ServiceAccountKey(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: Literal["service_account"] = "service_account"
+    client_email: str = Field(min_length=3)
+    private_key: SecretStr
+    private_key_id: str | None = None
+    token_uri: str = DEFAULT_GOOGLE_TOKEN_URI
+
+    def as_info(self) -> dict[str, Any]:
+        info = self.model_dump()
+        info["private_key"] = self.private_key.get_secret_value()
+        return info
+
+
+class GoogleServiceAccountIntegration(_IntegrationBase):
+    provider: Literal["google_service_account"]
+    service_account_info: ServiceAccountKey
+    subject: str = Field(min_length=3, pattern=r"^[^@\s]+@[^@\s]+$")
+    scope: str = GOOGLE_MAIL_SCOPE
+    token_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _check_token_uri(self) -> GoogleServiceAccountIntegration:
+        _https_url(self.effective_token_uri, "token_uri")
+        return self
+
+    @property
+    def effective_token_uri(self) -> str:
+        return self.token_uri or self.service_account_info.token_uri
+
+
+class OAuth2Integration(_IntegrationBase):
+    provider: Literal["oauth2"]
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    scope: str = Field(min_length=1)
+
+    _v_token_url = field_validator("token_url")(lambda v: _https_url(v, "token_url"))
+
+
+class BasicIntegration(_IntegrationBase):
+    provider: Literal["basic"]
+    password: SecretStr
+
+
+Integration = Annotated[
+    MicrosoftIntegration
+    | GoogleIntegration
+    | GoogleServiceAccountIntegration
+    | OAuth2Integration
+    | BasicIntegration,
+    Field(discriminator="provider"),
+]
+OAuthIntegration = MicrosoftIntegration | GoogleIntegration | GoogleServiceAccountIntegration | OAuth2Integration
+
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Integration)
+SECRET_FIELDS = ("client_secret", "refresh_token", "password", "private_key")
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """pydantic errors as ``{"field", "problem"}`` pairs that never include the input value."""
+    problems = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).endswith("Integration"))
+        msg = err["msg"]
+        if err["type"] == "union_tag_invalid":
+            msg = "provider must be one of microsoft, google, google_service_account, oauth2, basic"
+        problems.append({"field": loc or "(root)", "problem": msg})
+    return problems
+
+
+def parse_integration(data: Any, *, expected_id: str | None = None) -> Any:
+    """Validate a secret's JSON into its provider's model, or raise InvalidIntegration."""
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise InvalidIntegration(
+                "integration secret is not valid JSON",
+                details=[{"field": "(root)", "problem": "not valid JSON"}],
+            ) from None
+    try:
+        integration = _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        problems = field_errors(exc)
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        raise InvalidIntegration(f"integration is invalid: {summary}", details=problems) from None
+    if expected_id is not None and integration.id != expected_id:
+        raise InvalidIntegration(
+            f"secret for {expected_id!r} holds id {integration.id!r}",
+            details=[{"field": "id", "problem": "does not match the secret name"}],
+        )
+    return integration
+
+
+class IntegrationStore:
+    """Reads integrations from Secrets Manager through Powertools' SecretsProvider, which caches
+    each secret in memory for ``max_age`` seconds."""
+
+    def __init__(self, secrets_client: Any, prefix: str, *, max_age: int = 60) -> None:
+        from aws_lambda_powertools.utilities.parameters import SecretsProvider
+
+        self._client = secrets_client
+        self._provider = SecretsProvider(boto3_client=secrets_client)
+        self.prefix = prefix
+        self.max_age = max_age
+
+    def secret_name(self, integration_id: str) -> str:
+        return f"{self.prefix}{integration_id}"
+
+    def get(self, integration_id: str, *, force_fetch: bool = False) -> Any:
+        from aws_lambda_powertools.utilities.parameters.exceptions import GetParameterError
+
+        try:
+            raw = self._provider.get(
+                self.secret_name(integration_id), max_age=self.max_age, force_fetch=force_fetch
+            )
+        except GetParameterError as exc:
+            if _is_not_found(exc):
+                raise UnknownIntegration(f"no integration {integration_id!r}") from None
+            from mailbroker.errors import AwsUnavailable
+
+            raise AwsUnavailable(f"Secrets Manager unavailable reading {integration_id!r}") from exc
+        if isinstance(raw, bytes):
+            raw = raw.decode()
+        return parse_integration(raw, expected_id=integration_id)
+
+    def list_ids(self) -> list[str]:
+        """Every integration id under the prefix (paginated)."""
+        ids: list[str] = []
+        paginator = self._client.get_paginator("list_secrets")
+        for page in paginator.paginate(Filters=[{"Key": "name", "Values": [self.prefix]}]):
+            for secret in page.get("SecretList", []):
+                name = secret["Name"]
+                if name.startswith(self.prefix):
+                    ids.append(name[len(self.prefix) :])
+        return sorted(ids)
+
+    def put(self, integration: Any) -> None:
+        """Create or replace an integration's secret (validated before it is written)."""
+        body = json.dumps(unredacted(integration))
+        name = self.secret_name(integration.id)
+        try:
+            self._client.put_secret_value(SecretId=name, SecretString=body)
+        except self._client.exceptions.ResourceNotFoundException:
+            self._client.create_secret(Name=name, SecretString=body)
+        self._provider.clear_cache()
+
+    def delete(self, integration_id: str) -> None:
+        self._client.delete_secret(SecretId=self.secret_name(integration_id), ForceDeleteWithoutRecovery=True)
+        self._provider.clear_cache()
+
+
+def unredacted(integration: Any) -> dict[str, Any]:
+    """The integration as the JSON stored in its secret, secrets included. Only for writing it."""
+    data = integration.model_dump(mode="python", exclude_none=True)
+    return _reveal(data)
+
+
+def _reveal(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _reveal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_reveal(v) for v in value]
+    return value
+
+
+def _is_not_found(exc: Exception) -> bool:
+    cause = exc.__cause__ or exc.__context__
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code", "") if cause else ""
+    return code == "ResourceNotFoundException" or "ResourceNotFoundException" in str(exc)
