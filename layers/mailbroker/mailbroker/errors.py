@@ -339,7 +339,9 @@ def classify_token_error(
     return TokenUnavailable(f"{what} answered HTTP {status} without a token", retry_after=retry_after)
 
 
-_SECRETISH = re.compile(r"(?i)(eyJ[\w-]{10,}\.[\w-]+\.[\w-]*|ya29\.[\w.-]+|1//[\w-]{10,}|[A-Za-z0-9~_.-]{40,})")
+_SECRETISH = re.compile(
+    r"(?i)(eyJ[\w-]{10,}\.[\w-]+\.[\w-]*|ya29\.[\w.-]+|1//[\w-]{10,}|[A-Za-z0-9~_.-]{40,})"
+)
 
 
 def _scrub(text: str) -> str:
@@ -404,10 +406,16 @@ def smtp_connection_failure(stage: str, exc: BaseException, *, after_body: bool 
             stage=stage,
         )
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return SmtpFailure(f"{stage}: certificate not trusted: {exc.verify_message}", code="tls_failed", stage=stage)
+        return SmtpFailure(
+            f"{stage}: certificate not trusted: {exc.verify_message}", code="tls_failed", stage=stage
+        )
     if isinstance(exc, ssl.SSLError):
-        return SmtpFailure(f"{stage}: TLS failed: {exc.reason or type(exc).__name__}", code="tls_failed", stage=stage)
-    return SmtpFailure(f"{stage}: {type(exc).__name__}: {_scrub(str(exc))}".rstrip(": "), code="smtp_transient", stage=stage)
+        return SmtpFailure(
+            f"{stage}: TLS failed: {exc.reason or type(exc).__name__}", code="tls_failed", stage=stage
+        )
+    return SmtpFailure(
+        f"{stage}: {type(exc).__name__}: {_scrub(str(exc))}".rstrip(": "), code="smtp_transient", stage=stage
+    )
 
 
 def classify_exception(exc: BaseException) -> MailbrokerError:

@@ -27,7 +27,7 @@ from mailbroker.errors import InvalidIntegration, UnknownIntegration
 
 DEFAULT_MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
-DEFAULT_GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+DEFAULT_GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
 
 # Per-provider default sending limits (Microsoft 365: 30 messages a minute, 3 connections a mailbox).
@@ -73,7 +73,9 @@ class SmtpEndpoint(_Model):
         if is_forbidden_address(self.host):
             raise ValueError("smtp.host is a link-local or instance-metadata address")
         if self.security == "none" and not is_loopback_host(self.host):
-            raise ValueError("security 'none' is only allowed to a loopback host: credentials never travel in clear")
+            raise ValueError(
+                "security 'none' is only allowed to a loopback host: credentials never travel in clear"
+            )
         return self
 
 
@@ -206,7 +208,9 @@ Integration = Annotated[
     | BasicIntegration,
     Field(discriminator="provider"),
 ]
-OAuthIntegration = MicrosoftIntegration | GoogleIntegration | GoogleServiceAccountIntegration | OAuth2Integration
+OAuthIntegration = (
+    MicrosoftIntegration | GoogleIntegration | GoogleServiceAccountIntegration | OAuth2Integration
+)
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Integration)
 SECRET_FIELDS = ("client_secret", "refresh_token", "password", "private_key")
@@ -229,7 +233,7 @@ def parse_integration(data: Any, *, expected_id: str | None = None) -> Any:
     if isinstance(data, str | bytes):
         try:
             data = json.loads(data)
-        except ValueError as exc:
+        except ValueError:
             raise InvalidIntegration(
                 "integration secret is not valid JSON",
                 details=[{"field": "(root)", "problem": "not valid JSON"}],

@@ -1,0 +1,210 @@
+"""The token broker: memory of the execution environment, then DynamoDB, then the provider.
+
+``TokenBroker.token_for`` is where a token is refreshed. One refresh per credential per lifetime
+across all environments: a caller that finds the cached token due for refresh takes the lease in
+DynamoDB (``TokenStore.try_lease``) and asks the provider; everyone else keeps serving the old
+token while it is still usable, or waits briefly for the new one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from mailbroker.errors import InvalidIntegration, TokenError, TokenUnavailable
+from mailbroker.integrations import BasicIntegration
+from mailbroker.observability import logger
+from mailbroker.tokens.model import AccessToken, CachedToken, RefreshPolicy, fingerprint
+from mailbroker.tokens.providers import TokenProviders, identity_of
+from mailbroker.tokens.store import StoredState, TokenStore
+
+# After a permanent failure (invalid_grant, invalid_client), environments leave the provider alone
+# this long and answer the same error, so a broken credential costs one call, not one per caller.
+PERMANENT_ERROR_HOLD = 30.0
+# force_refresh without naming the refused token does not replace a token younger than this.
+MIN_FORCE_INTERVAL = 10.0
+
+
+class TokenBroker:
+    def __init__(
+        self,
+        integrations: Any,
+        store: TokenStore,
+        providers: TokenProviders,
+        *,
+        policy: RefreshPolicy | None = None,
+        lease_ttl: float = 15.0,
+        lease_wait: float = 8.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.integrations = integrations
+        self.store = store
+        self.providers = providers
+        self.policy = policy or RefreshPolicy()
+        self.lease_ttl = lease_ttl
+        self.lease_wait = lease_wait
+        self._clock = clock
+        self._sleep = sleep
+        self._owner = uuid.uuid4().hex
+        self._memory: dict[str, CachedToken] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def token_for(
+        self, integration_id: str, *, force_refresh: bool = False, rejected_token: str | None = None
+    ) -> AccessToken:
+        """A valid access token for the integration ``integration_id``.
+
+        ``rejected_token``: a token a server just refused; it is never handed out again.
+        ``force_refresh``: replace the current token unless it was issued in the last few seconds.
+        """
+        integration = self.integrations.get(integration_id)
+        return self.token_for_integration(
+            integration, force_refresh=force_refresh, rejected_token=rejected_token
+        )
+
+    def token_for_integration(
+        self, integration: Any, *, force_refresh: bool = False, rejected_token: str | None = None
+    ) -> AccessToken:
+        if isinstance(integration, BasicIntegration):
+            raise InvalidIntegration(
+                f"integration {integration.id!r} uses basic authentication: it has no OAuth2 token"
+            )
+        identity = identity_of(integration)
+        key = identity.key
+        rejected = fingerprint(rejected_token) if rejected_token else None
+        with self._lock_for(key):
+            now = self._clock()
+            held = self._memory.get(key)
+            if (
+                held
+                and self._acceptable(held, now, force_refresh, rejected)
+                and self.policy.is_fresh(held, now)
+            ):
+                return _answer(held, "memory")
+            if rejected and held and held.fingerprint == rejected:
+                self._memory.pop(key, None)
+            return self._from_store_or_provider(integration, key, identity.label, force_refresh, rejected)
+
+    def stored(self, integration: Any) -> CachedToken | None:
+        """The token DynamoDB holds for the integration now (for health records), if any."""
+        return self.store.read(identity_of(integration).key).token
+
+    def forget_memory(self) -> None:
+        self._memory.clear()
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _from_store_or_provider(
+        self, integration: Any, key: str, label: str, force: bool, rejected: str | None
+    ) -> AccessToken:
+        deadline = self._clock() + self.lease_wait
+        pause = 0.02
+        while True:
+            state = self.store.read(key)
+            now = self._clock()
+            token = state.token
+            good = token if token and self._acceptable(token, now, force, rejected) else None
+            if good and self.policy.is_fresh(good, now):
+                self._memory[key] = good
+                return _answer(good, "cache")
+            usable = good if good and self.policy.is_usable(good, now) else None
+            if state.hold_until > now:
+                if usable:
+                    return _answer(usable, "cache")
+                raise _held_error(state, now)
+            lease_free = not state.lease_owner or state.lease_expires < now
+            if lease_free and self.store.try_lease(
+                key, self._owner, now=now, ttl=self.lease_ttl, seen_version=state.version
+            ):
+                return self._refresh(integration, key, label)
+            if usable:
+                # Another environment is refreshing: the old token is still good for a while.
+                return _answer(usable, "cache")
+            if now >= deadline:
+                raise TokenUnavailable(
+                    f"another environment is refreshing the token for {integration.id!r}; "
+                    "none arrived in time",
+                    retry_after=1.0,
+                )
+            self._sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    def _refresh(self, integration: Any, key: str, label: str) -> AccessToken:
+        started = self._clock()
+        try:
+            issued = self.providers.fetch(integration)
+        except TokenError as exc:
+            self._release_after_failure(key, exc, started)
+            logger.warning(
+                "token refresh failed",
+                extra={"integration": integration.id, "credential": label, "code": exc.code},
+            )
+            raise
+        except BaseException:
+            self.store.release(key, self._owner)
+            raise
+        now = self._clock()
+        token = CachedToken(issued.access_token, issued_at=now, expires_at=now + issued.expires_in)
+        version = self.store.save(key, self._owner, token)
+        token = replace(token, version=version or 0)
+        self._memory[key] = token
+        logger.info(
+            "token refreshed",
+            extra={
+                "integration": integration.id,
+                "credential": label,
+                "lifetime_seconds": round(issued.expires_in, 3),
+                "fetch_ms": round((now - started) * 1000, 1),
+            },
+        )
+        return _answer(token, "provider")
+
+    def _release_after_failure(self, key: str, exc: TokenError, now: float) -> None:
+        if exc.retry_after:
+            self.store.release(
+                key,
+                self._owner,
+                hold_until=now + exc.retry_after,
+                hold_code=exc.code,
+                hold_message=exc.message,
+                retry_after=True,
+            )
+        elif not exc.retryable:
+            self.store.release(
+                key,
+                self._owner,
+                hold_until=now + PERMANENT_ERROR_HOLD,
+                hold_code=exc.code,
+                hold_message=exc.message,
+            )
+        else:
+            self.store.release(key, self._owner)
+
+    def _acceptable(self, token: CachedToken, now: float, force: bool, rejected: str | None) -> bool:
+        if rejected is not None:
+            return token.fingerprint != rejected
+        if force:
+            return now - token.issued_at < MIN_FORCE_INTERVAL
+        return True
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+def _answer(token: CachedToken, source: Any) -> AccessToken:
+    return AccessToken(token.access_token, expires_at=token.expires_at, source=source)
+
+
+def _held_error(state: StoredState, now: float) -> TokenError:
+    wait = round(max(state.hold_until - now, 0.0), 3)
+    message = state.hold_message or "the provider asked to wait"
+    if state.hold_retry_after:
+        return TokenError(message, code=state.hold_code or "token_unavailable", retry_after=wait)
+    return TokenError(message, code=state.hold_code or "token_unavailable")

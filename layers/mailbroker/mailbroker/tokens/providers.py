@@ -1,0 +1,255 @@
+"""Token providers: the only code that talks to token endpoints.
+
+Each flow uses the provider's own well-kept client library — MSAL for Microsoft client
+credentials, google-auth for Gmail refresh tokens and Workspace service accounts, and MSAL's
+generic RFC 6749 client (``msal.oauth2cli``) for any other client-credentials endpoint. They are
+imported on the cache-miss path only, so a warm cache never loads them.
+
+Every failure leaves here as a classified ``TokenError``; nothing here logs or raises a secret.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import requests
+
+from mailbroker.errors import TokenError, classify_token_error
+from mailbroker.integrations import (
+    DEFAULT_MICROSOFT_AUTHORITY,
+    GoogleIntegration,
+    GoogleServiceAccountIntegration,
+    MicrosoftIntegration,
+    OAuth2Integration,
+)
+from mailbroker.tokens.model import CredentialIdentity, IssuedToken, fingerprint
+
+
+def identity_of(integration: Any) -> CredentialIdentity:
+    """The credential identity a token is cached under."""
+    if isinstance(integration, MicrosoftIntegration):
+        return CredentialIdentity(
+            "microsoft",
+            f"{integration.authority}/{integration.tenant_id}",
+            integration.client_id,
+            integration.username,
+            integration.scope,
+        )
+    if isinstance(integration, GoogleIntegration):
+        return CredentialIdentity(
+            "google", integration.token_uri, integration.client_id, integration.username, integration.scope
+        )
+    if isinstance(integration, GoogleServiceAccountIntegration):
+        return CredentialIdentity(
+            "google_service_account",
+            integration.effective_token_uri,
+            integration.service_account_info.client_email,
+            integration.subject,
+            integration.scope,
+        )
+    if isinstance(integration, OAuth2Integration):
+        return CredentialIdentity(
+            "oauth2", integration.token_url, integration.client_id, integration.username, integration.scope
+        )
+    raise TypeError(f"{type(integration).__name__} does not use OAuth2 tokens")
+
+
+class _TimeoutSession(requests.Session):
+    """A session that caps every request's timeout and remembers the last answer's status and
+    Retry-After (MSAL and google-auth do not surface them)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._timeout = timeout
+        self._seen = threading.local()
+        self.hooks["response"].append(self._remember)
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        given = kwargs.get("timeout")
+        kwargs["timeout"] = min(given, self._timeout) if isinstance(given, int | float) else self._timeout
+        self._seen.status = None
+        self._seen.retry_after = None
+        return super().request(method, url, *args, **kwargs)
+
+    def _remember(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self._seen.status = response.status_code
+        self._seen.retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+
+    @property
+    def last_status(self) -> int | None:
+        return getattr(self._seen, "status", None)
+
+    @property
+    def last_retry_after(self) -> float | None:
+        return getattr(self._seen, "retry_after", None)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        import time
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+        except (TypeError, ValueError):
+            return None
+
+
+class TokenProviders:
+    """Fetches a new access token for an integration from its provider."""
+
+    def __init__(self, *, http_timeout: float = 10.0) -> None:
+        self._session = _TimeoutSession(http_timeout)
+        self._msal_apps: dict[tuple[str, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def fetch(self, integration: Any) -> IssuedToken:
+        if isinstance(integration, MicrosoftIntegration):
+            return self._microsoft(integration)
+        if isinstance(integration, GoogleIntegration):
+            return self._google(integration)
+        if isinstance(integration, GoogleServiceAccountIntegration):
+            return self._google_service_account(integration)
+        if isinstance(integration, OAuth2Integration):
+            return self._client_credentials(integration)
+        raise TypeError(f"{type(integration).__name__} does not use OAuth2 tokens")
+
+    # --- Microsoft: MSAL client credentials -----------------------------------------------------
+
+    def _msal_app(self, integration: MicrosoftIntegration) -> Any:
+        secret = integration.client_secret.get_secret_value()
+        key = (integration.authority, integration.tenant_id, integration.client_id, fingerprint(secret))
+        with self._lock:
+            app = self._msal_apps.get(key)
+            if app is None:
+                import msal
+
+                # The constructor fetches the tenant's OIDC metadata: built here, on a cache miss,
+                # never at import. Authorities other than the public cloud's (sovereign clouds, the
+                # sandbox) skip Microsoft's instance discovery and use their own OIDC discovery.
+                app = msal.ConfidentialClientApplication(
+                    integration.client_id,
+                    client_credential=secret,
+                    authority=f"{integration.authority}/{integration.tenant_id}",
+                    http_client=self._session,
+                    instance_discovery=integration.authority == DEFAULT_MICROSOFT_AUTHORITY,
+                )
+                self._msal_apps[key] = app
+        return app
+
+    def _microsoft(self, integration: MicrosoftIntegration) -> IssuedToken:
+        try:
+            app = self._msal_app(integration)
+            # The broker decides when a token is due; MSAL's own cache must not answer instead.
+            app.remove_tokens_for_client()
+            result = app.acquire_token_for_client(scopes=[integration.scope])
+        except (requests.RequestException, ValueError, OSError) as exc:
+            raise self._transport_error(exc, "microsoft") from None
+        if "access_token" in result:
+            return IssuedToken(result["access_token"], float(result.get("expires_in", 3600)))
+        raise classify_token_error(
+            status=self._session.last_status,
+            error=result.get("error"),
+            description=result.get("error_description"),
+            error_codes=result.get("error_codes"),
+            retry_after=self._session.last_retry_after,
+            provider="microsoft",
+        )
+
+    # --- Google: refresh token and service account (google-auth) ------------------------------
+
+    def _google(self, integration: GoogleIntegration) -> IssuedToken:
+        from google.oauth2.credentials import Credentials
+
+        creds = Credentials(
+            token=None,
+            refresh_token=integration.refresh_token.get_secret_value(),
+            token_uri=integration.token_uri,
+            client_id=integration.client_id,
+            client_secret=integration.client_secret.get_secret_value(),
+        )
+        return self._refresh_google(creds, "google")
+
+    def _google_service_account(self, integration: GoogleServiceAccountIntegration) -> IssuedToken:
+        from google.oauth2 import service_account
+
+        info = integration.service_account_info.as_info()
+        info["token_uri"] = integration.effective_token_uri
+        try:
+            creds = service_account.Credentials.from_service_account_info(
+                info, scopes=[integration.scope], subject=integration.subject
+            )
+        except (ValueError, KeyError):
+            raise TokenError(
+                "service_account_info is not a usable service account key", code="token_invalid_client"
+            ) from None
+        return self._refresh_google(creds, "google_service_account")
+
+    def _refresh_google(self, creds: Any, provider: str) -> IssuedToken:
+        import time
+
+        from google.auth import exceptions
+        from google.auth.transport.requests import Request
+
+        try:
+            creds.refresh(Request(session=self._session))
+        except exceptions.RefreshError as exc:
+            data = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
+            raise classify_token_error(
+                status=self._session.last_status,
+                error=data.get("error") or ("server_error" if getattr(exc, "retryable", False) else None),
+                description=data.get("error_description"),
+                retry_after=self._session.last_retry_after,
+                provider=provider,
+            ) from None
+        except (exceptions.TransportError, requests.RequestException, OSError) as exc:
+            raise self._transport_error(exc, provider) from None
+        # google-auth converts expires_in to an absolute naive-UTC expiry.
+        import calendar
+
+        expires_in = calendar.timegm(creds.expiry.timetuple()) - time.time() if creds.expiry else 3600.0
+        return IssuedToken(creds.token, max(expires_in, 0.0))
+
+    # --- Any OAuth2 server: client credentials (RFC 6749 §4.4) ---------------------------------
+
+    def _client_credentials(self, integration: OAuth2Integration) -> IssuedToken:
+        from msal.oauth2cli.oauth2 import Client
+
+        client = Client(
+            {"token_endpoint": integration.token_url},
+            integration.client_id,
+            http_client=self._session,
+            client_secret=integration.client_secret.get_secret_value(),
+        )
+        try:
+            result = client.obtain_token_for_client(scope=integration.scope.split())
+        except (requests.RequestException, ValueError, OSError) as exc:
+            raise self._transport_error(exc, "oauth2") from None
+        if "access_token" in result:
+            return IssuedToken(result["access_token"], float(result.get("expires_in", 3600)))
+        raise classify_token_error(
+            status=self._session.last_status,
+            error=result.get("error"),
+            description=result.get("error_description"),
+            retry_after=self._session.last_retry_after,
+            provider="oauth2",
+        )
+
+    def _transport_error(self, exc: BaseException, provider: str) -> TokenError:
+        status = self._session.last_status
+        if isinstance(exc, requests.HTTPError) and exc.response is not None:
+            status = exc.response.status_code
+        if (
+            status is not None
+            and status >= 400
+            and not isinstance(exc, requests.ConnectionError | requests.Timeout)
+        ):
+            return classify_token_error(
+                status=status, retry_after=self._session.last_retry_after, provider=provider
+            )
+        return classify_token_error(description=type(exc).__name__, provider=provider)

@@ -1,0 +1,184 @@
+"""The DynamoDB level of the token cache, and the refresh lease that makes one environment
+refresh a credential while the others wait or keep using the old token.
+
+One item per credential identity (``pk = token#<sha256>``):
+
+- ``ct``/``nonce``/``edk``: the access token sealed with the stack's KMS key (see ``crypto``);
+- ``issued_at``/``expires_at``/``version``: plain numbers every reader checks itself, because
+  DynamoDB's TTL (``ttl``) deletes expired items days late;
+- ``lease_owner``/``lease_expires``: the refresh lease, taken with a conditional write that also
+  requires the ``version`` the caller saw, so a caller that read before someone else's refresh
+  cannot start a second one; a lease whose holder died simply expires;
+- ``hold_until``/``hold_code``/``hold_message``: after a 429 (Retry-After) or a permanent error,
+  every environment holds off the provider until then instead of asking again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mailbroker.errors import AwsUnavailable
+from mailbroker.tokens.crypto import Sealed, TokenCipher
+from mailbroker.tokens.model import CachedToken
+
+_TTL_GRACE = 86400  # keep expired items a day for diagnosis before TTL may delete them
+
+
+@dataclass(frozen=True)
+class StoredState:
+    token: CachedToken | None
+    version: int | None  # None: no item yet
+    lease_owner: str | None
+    lease_expires: float
+    hold_until: float
+    hold_code: str | None
+    hold_message: str | None
+    hold_retry_after: bool = False
+
+
+class TokenStore:
+    def __init__(self, dynamodb_client: Any, table: str, cipher: TokenCipher) -> None:
+        self._db = dynamodb_client
+        self._table = table
+        self._cipher = cipher
+
+    def read(self, key: str) -> StoredState:
+        try:
+            item = self._db.get_item(TableName=self._table, Key={"pk": {"S": key}}, ConsistentRead=True).get(
+                "Item"
+            )
+        except self._db.exceptions.ResourceNotFoundException:
+            raise AwsUnavailable(f"token table {self._table!r} does not exist") from None
+        except Exception as exc:
+            raise _aws(exc, "GetItem") from exc
+        if not item:
+            return StoredState(None, None, None, 0.0, 0.0, None, None)
+        token = None
+        if "ct" in item:
+            sealed = Sealed(item["ct"]["B"], item["nonce"]["B"], item["edk"]["B"])
+            plaintext = self._cipher.open(sealed, key.encode())
+            token = CachedToken(
+                plaintext.decode(),
+                issued_at=float(item["issued_at"]["N"]),
+                expires_at=float(item["expires_at"]["N"]),
+                version=int(item["version"]["N"]),
+            )
+        return StoredState(
+            token=token,
+            version=int(item["version"]["N"]) if "version" in item else 0,
+            lease_owner=item.get("lease_owner", {}).get("S"),
+            lease_expires=float(item.get("lease_expires", {}).get("N", 0)),
+            hold_until=float(item.get("hold_until", {}).get("N", 0)),
+            hold_code=item.get("hold_code", {}).get("S"),
+            hold_message=item.get("hold_message", {}).get("S"),
+            hold_retry_after=item.get("hold_kind", {}).get("S") == "retry_after",
+        )
+
+    def try_lease(self, key: str, owner: str, *, now: float, ttl: float, seen_version: int | None) -> bool:
+        """Take the refresh lease if nobody holds a live one and nobody refreshed since
+        ``seen_version`` was read."""
+        condition = "(attribute_not_exists(lease_expires) OR lease_expires < :now) AND "
+        values: dict[str, Any] = {
+            ":owner": {"S": owner},
+            ":exp": {"N": repr(now + ttl)},
+            ":now": {"N": repr(now)},
+        }
+        if seen_version is None:
+            condition += "attribute_not_exists(pk)"
+        elif seen_version == 0:
+            condition += "attribute_not_exists(version)"
+        else:
+            condition += "version = :v"
+            values[":v"] = {"N": str(seen_version)}
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": key}},
+                UpdateExpression="SET lease_owner = :owner, lease_expires = :exp",
+                ConditionExpression=condition,
+                ExpressionAttributeValues=values,
+            )
+        except self._db.exceptions.ConditionalCheckFailedException:
+            return False
+        except Exception as exc:
+            raise _aws(exc, "UpdateItem") from exc
+        return True
+
+    def save(self, key: str, owner: str, token: CachedToken) -> int | None:
+        """Store a new token and release the lease. Returns the new version, or None when the
+        lease had expired and passed to another environment (which will store its own)."""
+        sealed = self._cipher.seal(token.access_token.encode(), key.encode())
+        try:
+            answer = self._db.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": key}},
+                UpdateExpression=(
+                    "SET ct = :ct, nonce = :nonce, edk = :edk, issued_at = :iat, expires_at = :exp, "
+                    "#ttl = :ttl, version = if_not_exists(version, :zero) + :one "
+                    "REMOVE lease_owner, lease_expires, hold_until, hold_code, hold_message, hold_kind"
+                ),
+                ConditionExpression="lease_owner = :owner",
+                ExpressionAttributeNames={"#ttl": "ttl"},
+                ExpressionAttributeValues={
+                    ":ct": {"B": sealed.ciphertext},
+                    ":nonce": {"B": sealed.nonce},
+                    ":edk": {"B": sealed.encrypted_key},
+                    ":iat": {"N": repr(token.issued_at)},
+                    ":exp": {"N": repr(token.expires_at)},
+                    ":ttl": {"N": str(int(token.expires_at) + _TTL_GRACE)},
+                    ":zero": {"N": "0"},
+                    ":one": {"N": "1"},
+                    ":owner": {"S": owner},
+                },
+                ReturnValues="UPDATED_NEW",
+            )
+        except self._db.exceptions.ConditionalCheckFailedException:
+            return None
+        except Exception as exc:
+            raise _aws(exc, "UpdateItem") from exc
+        return int(answer["Attributes"]["version"]["N"])
+
+    def release(
+        self,
+        key: str,
+        owner: str,
+        *,
+        hold_until: float | None = None,
+        hold_code: str | None = None,
+        hold_message: str | None = None,
+        retry_after: bool = False,
+    ) -> None:
+        """Give the lease back; with ``hold_until``, tell every environment to leave the provider
+        alone until then and answer ``hold_code`` instead."""
+        values: dict[str, Any] = {":owner": {"S": owner}}
+        if hold_until is not None and hold_code:
+            update = "SET hold_until = :hu, hold_code = :hc, hold_message = :hm, hold_kind = :hk "
+            update += "REMOVE lease_owner, lease_expires"
+            values.update(
+                {
+                    ":hu": {"N": repr(hold_until)},
+                    ":hc": {"S": hold_code},
+                    ":hm": {"S": (hold_message or "")[:300]},
+                    ":hk": {"S": "retry_after" if retry_after else "error"},
+                }
+            )
+        else:
+            update = "REMOVE lease_owner, lease_expires"
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": key}},
+                UpdateExpression=update,
+                ConditionExpression="lease_owner = :owner",
+                ExpressionAttributeValues=values,
+            )
+        except self._db.exceptions.ConditionalCheckFailedException:
+            pass
+        except Exception as exc:
+            raise _aws(exc, "UpdateItem") from exc
+
+
+def _aws(exc: Exception, operation: str) -> AwsUnavailable:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    return AwsUnavailable(f"DynamoDB {operation} failed: {code}")
