@@ -9,8 +9,6 @@ import threading
 
 import boto3
 import pytest
-from moto import mock_aws
-
 from mailbroker.errors import TokenError, TokenUnavailable
 from mailbroker.integrations import parse_integration
 from mailbroker.tokens.broker import TokenBroker
@@ -18,6 +16,7 @@ from mailbroker.tokens.crypto import TokenCipher
 from mailbroker.tokens.model import IssuedToken, RefreshPolicy
 from mailbroker.tokens.providers import identity_of
 from mailbroker.tokens.store import TokenStore
+from moto import mock_aws
 
 TABLE = "tokens"
 
@@ -202,7 +201,6 @@ def test_ciphertext_is_bound_to_its_credential(aws, clock):
     (item,) = db.scan(TableName=TABLE)["Items"]
 
     from cryptography.exceptions import InvalidTag
-
     from mailbroker.tokens.crypto import Sealed
 
     sealed = Sealed(item["ct"]["B"], item["nonce"]["B"], item["edk"]["B"])
@@ -247,7 +245,6 @@ def test_force_refresh_does_not_replace_a_token_issued_seconds_ago(aws, clock):
 
 
 def test_caller_keeps_the_old_token_while_another_environment_holds_the_lease(aws, clock):
-    db, _, _ = aws
     provider = CountingProvider(lifetime=3600)
     make_broker(aws, clock, provider).token_for("m365")
     clock.now += 3100  # due for refresh, still valid for 500 s
