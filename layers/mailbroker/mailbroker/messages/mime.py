@@ -1,0 +1,137 @@
+"""An :class:`OutgoingMessage` as an RFC 5322 / MIME message, built with the standard ``email``
+package, and its SMTP envelope.
+
+The output is a function of the message and ``now``: the Message-ID and every multipart boundary
+are derived from the message ``id``, so a retried send carries the same Message-ID (receivers
+de-duplicate on it) and tests can compare bytes. Text parts are 7bit when they are short-lined
+ASCII and quoted-printable otherwise, attachments base64: the body never needs 8BITMIME. Only a
+message with a non-ASCII local part is built with UTF-8 headers (``policy.SMTPUTF8``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import uuid
+from email import policy as email_policy
+from email.headerregistry import Address
+from email.message import EmailMessage, MIMEPart
+from email.utils import format_datetime
+
+from mailbroker.messages.models import EmailAddress, OutgoingMessage
+
+_HOST = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_TEXT_LINE_LIMIT = 78
+
+
+def message_id_for(message_id: str, domain: str) -> str:
+    """The Message-ID header of the message whose idempotency key is ``message_id``."""
+    if not _HOST.fullmatch(domain):
+        raise ValueError("message_id_domain must be a host name")
+    return f"<{hashlib.sha256(message_id.encode('utf-8')).hexdigest()[:32]}@{domain}>"
+
+
+def build_mime(
+    message: OutgoingMessage, *, message_id_domain: str, now: dt.datetime | None = None
+) -> EmailMessage:
+    """The message as MIME: text and html as multipart/alternative, attachments in
+    multipart/mixed. Bcc recipients are only in the envelope. Serialise with ``as_bytes()``
+    (CRLF line endings, ready for SMTP)."""
+    policy = email_policy.SMTPUTF8 if message.needs_smtputf8 else email_policy.SMTP
+    seed = message.id or uuid.uuid4().hex
+    when = now or dt.datetime.now(dt.UTC)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+
+    root = EmailMessage(policy=policy)
+    root["From"] = _address(message.from_)
+    if message.to:
+        root["To"] = [_address(a) for a in message.to]
+    if message.cc:
+        root["Cc"] = [_address(a) for a in message.cc]
+    if message.reply_to:
+        root["Reply-To"] = [_address(a) for a in message.reply_to]
+    root["Subject"] = message.subject
+    root["Date"] = format_datetime(when)
+    root["Message-ID"] = message_id_for(seed, message_id_domain)
+    for name, value in message.headers.items():
+        root[name] = value
+    root["MIME-Version"] = "1.0"
+
+    bodies = [(subtype, text) for subtype, text in (("plain", message.text), ("html", message.html)) if text]
+    if message.attachments:
+        root.make_mixed()
+        body = MIMEPart(policy=policy)
+        _fill_body(body, bodies)
+        root.attach(body)  # type: ignore[arg-type]  # typeshed wants EmailMessage; MIMEPart is its base
+        for attachment in message.attachments:
+            part = MIMEPart(policy=policy)
+            maintype, subtype = attachment.mime_type.split("/", 1)
+            part.set_content(
+                attachment.content,
+                maintype=maintype,
+                subtype=subtype,
+                disposition="attachment",
+                filename=attachment.filename,
+            )
+            root.attach(part)  # type: ignore[arg-type]
+    else:
+        _fill_body(root, bodies)
+    _set_boundaries(root, seed)
+    return root
+
+
+def envelope(message: OutgoingMessage) -> tuple[str, list[str]]:
+    """``(MAIL FROM, [RCPT TO, ...])``: to, cc and bcc once each, in that order."""
+    seen: set[str] = set()
+    rcpts = []
+    for address in message.recipients:
+        if address.email.lower() not in seen:
+            seen.add(address.email.lower())
+            rcpts.append(address.email)
+    return message.from_.email, rcpts
+
+
+def _address(address: EmailAddress) -> Address:
+    return Address(display_name=address.name or "", username=address.local_part, domain=address.domain)
+
+
+def _fill_body(part: MIMEPart, bodies: list[tuple[str, str]]) -> None:
+    if len(bodies) == 1:
+        _set_text(part, *bodies[0])
+        return
+    part.make_alternative()
+    for subtype, text in bodies:
+        child = MIMEPart(policy=part.policy)
+        _set_text(child, subtype, text)
+        part.attach(child)
+
+
+def _set_text(part: MIMEPart, subtype: str, text: str) -> None:
+    short_ascii = text.isascii() and all(len(line) <= _TEXT_LINE_LIMIT for line in text.splitlines())
+    part.set_content(
+        text, subtype=subtype, charset="utf-8", cte="7bit" if short_ascii else "quoted-printable"
+    )
+
+
+def _set_boundaries(root: EmailMessage, seed: str) -> None:
+    """Boundaries from the message id. They start with '=_', which quoted-printable and base64
+    never produce; 7bit parts are searched so a boundary never occurs in content."""
+    multiparts = [p for p in root.walk() if p.is_multipart()]
+    plain = [
+        p.get_payload()
+        for p in root.walk()
+        if not p.is_multipart() and p.get("Content-Transfer-Encoding") == "7bit"
+    ]
+    for index, part in enumerate(multiparts):
+        attempt = 0
+        while True:
+            digest = hashlib.sha256(f"{seed}\x00{index}\x00{attempt}".encode()).hexdigest()
+            boundary = f"=_{digest[:30]}"
+            if not any(boundary in text for text in plain):
+                break
+            attempt += 1
+        part.set_boundary(boundary)
