@@ -1,0 +1,364 @@
+"""The per-mailbox send governor: the same limits across every sender environment.
+
+Microsoft 365 allows 3 concurrent SMTP connections and 30 messages a minute per mailbox; Gmail
+and Workspace have daily caps. Each integration's ``limits`` (``integration.effective_limits()``)
+are enforced with three small DynamoDB items, each written only by a conditional update:
+
+- ``gov#<id>#conn`` — the connection semaphore: a map of slot → lease expiry. A slot is taken by
+  rewriting the map of live leases plus the new one, on condition that ``version`` is still the
+  one read; a holder that dies leaves a lease that simply expires.
+- ``gov#<id>#rate`` — a token bucket for messages per minute: ``tokens`` and ``refilled_at``,
+  taken the same way (read, compute the refill, write on the version read). The bucket holds
+  ``burst = max(1, n // 10)`` tokens and refills at ``(n - burst + 1) / 60`` per second, so no
+  60-second window ever holds more than ``n`` messages, bursts included.
+- ``gov#<id>#day#<YYYY-MM-DD>`` — recipients sent on that UTC day, counted with a conditional
+  ``ADD`` that refuses to pass the cap (a single message larger than the whole cap goes through on
+  an otherwise empty day, so it is never held back forever).
+
+A throttling reply (432, 421, 451 4.7.x, 454, 450 4.2.1) calls :meth:`SendGovernor.slow_down`,
+which opens a slow-down window on both items: the bucket is emptied, refills at half the rate
+with a burst of one, and new connections are capped at half of ``max_connections`` (one when the
+integration sets no connection limit). Capacity already in use is not revoked.
+
+Over a limit is not a failure: :class:`GovernorDelay` carries ``retry_after``, the seconds until
+capacity returns, and the sender puts the message back on the queue for that long without
+counting an attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailbroker.errors import AwsUnavailable
+
+_ATTEMPTS = 30  # conditional-write rounds before a contended caller is told to come back shortly
+_CONTENDED_RETRY = 1.0
+_MIN_RETRY = 0.05
+_TTL_GRACE = 86400
+
+
+class GovernorDelay(Exception):
+    """Not a failure: put the message back with this delay; its attempt count stays unchanged."""
+
+    def __init__(self, retry_after: float, reason: str) -> None:
+        self.retry_after = max(_MIN_RETRY, retry_after)
+        self.reason = reason  # connections | rate | recipients_per_day | contention
+        super().__init__(f"send governor: {reason} limit reached; retry in {self.retry_after:.2f} s")
+
+
+@dataclass(frozen=True)
+class ConnectionSlot:
+    """One connection a sender may hold open for an integration until ``expires_at``."""
+
+    integration_id: str
+    slot_id: str
+    expires_at: float
+    leased: bool = True  # False when the integration sets no connection limit (nothing to release)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Messages per second refilled into a bucket holding at most ``burst`` tokens."""
+
+    rate: float
+    burst: float
+
+    @classmethod
+    def of(cls, messages_per_minute: int, *, slowed: bool) -> Pace:
+        if slowed:
+            return cls(rate=messages_per_minute / 120.0, burst=1.0)
+        burst = max(1, messages_per_minute // 10)
+        return cls(rate=(messages_per_minute - burst + 1) / 60.0, burst=float(burst))
+
+
+class SendGovernor:
+    def __init__(
+        self,
+        dynamodb_client: Any,
+        table: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        busy_retry_seconds: float = 5.0,
+    ) -> None:
+        """``busy_retry_seconds`` caps the delay given when every connection is taken: a live
+        holder usually releases long before its lease expires."""
+        self._db = dynamodb_client
+        self._table = table
+        self._clock = clock
+        self._sleep = sleep
+        self._busy_retry = busy_retry_seconds
+
+    # ------------------------------------------------------------------ connections
+
+    def open_connection(
+        self, integration_id: str, limits: Any, *, holder: str, lease_seconds: float
+    ) -> ConnectionSlot:
+        """Take one of the integration's connection slots for ``lease_seconds``, or raise
+        :class:`GovernorDelay`. Release it with :meth:`release_connection`."""
+        key = _conn_key(integration_id)
+        slot_id = f"{holder}#{secrets.token_hex(4)}"
+        for attempt in range(_ATTEMPTS):
+            now = self._clock()
+            item = self._get(key)
+            version = _int(item, "version")
+            slowed = _num(item, "slow_until") > now
+            cap = _connection_cap(limits.max_connections, slowed=slowed)
+            if cap is None:
+                return ConnectionSlot(integration_id, slot_id, now + lease_seconds, leased=False)
+            live = {
+                slot: float(value["N"])
+                for slot, value in item.get("holders", {}).get("M", {}).items()
+                if float(value["N"]) > now
+            }
+            if len(live) >= cap:
+                earliest = sorted(live.values())[len(live) - cap]
+                raise GovernorDelay(min(earliest - now, self._busy_retry), "connections")
+            expires_at = now + lease_seconds
+            live[slot_id] = expires_at
+            if self._put_versioned(
+                key,
+                version,
+                "SET holders = :holders",
+                {":holders": {"M": {slot: {"N": _time(exp)} for slot, exp in live.items()}}},
+                ttl=max(live.values()) + _TTL_GRACE,
+            ):
+                return ConnectionSlot(integration_id, slot_id, expires_at)
+            self._back_off(attempt)
+        raise GovernorDelay(_CONTENDED_RETRY, "contention")
+
+    def renew_connection(self, slot: ConnectionSlot, *, lease_seconds: float) -> ConnectionSlot:
+        """Extend a held lease (a long batch); raises :class:`GovernorDelay` if it already lapsed
+        and another sender took the slot."""
+        if not slot.leased:
+            return slot
+        expires_at = self._clock() + lease_seconds
+        if not self._update_slot(slot, "SET holders.#slot = :exp", {":exp": {"N": _time(expires_at)}}):
+            raise GovernorDelay(_MIN_RETRY, "connections")
+        return ConnectionSlot(slot.integration_id, slot.slot_id, expires_at)
+
+    def release_connection(self, slot: ConnectionSlot) -> None:
+        """Give the slot back. Releasing twice, or after the lease lapsed, does nothing."""
+        if slot.leased:
+            self._update_slot(slot, "REMOVE holders.#slot", {})
+
+    # ------------------------------------------------------------------ messages
+
+    def take_message(self, integration_id: str, limits: Any, recipients: int = 1) -> None:
+        """Count one message to ``recipients`` recipients against the integration's rate and
+        daily cap, or raise :class:`GovernorDelay` without counting anything."""
+        per_day = limits.recipients_per_day
+        counted_day: str | None = None
+        try:
+            for attempt in range(_ATTEMPTS):
+                now = self._clock()
+                key = _rate_key(integration_id)
+                item = self._get(key) if limits.messages_per_minute else {}
+                tokens = 0.0
+                if limits.messages_per_minute:
+                    pace = Pace.of(limits.messages_per_minute, slowed=_num(item, "slow_until") > now)
+                    tokens = _refilled(item, pace, now)
+                    if tokens < 1.0:
+                        raise GovernorDelay((1.0 - tokens) / pace.rate, "rate")
+                if per_day and counted_day is None:
+                    counted_day = self._count_recipients(integration_id, per_day, recipients, now)
+                if not limits.messages_per_minute:
+                    counted_day = None
+                    return
+                if self._put_versioned(
+                    key,
+                    _int(item, "version"),
+                    "SET tokens = :tokens, refilled_at = :now",
+                    {":tokens": {"N": _tokens(tokens - 1.0)}, ":now": {"N": _time(now)}},
+                    ttl=now + _TTL_GRACE,
+                ):
+                    counted_day = None  # the message is through: keep the count
+                    return
+                self._back_off(attempt)
+            raise GovernorDelay(_CONTENDED_RETRY, "contention")
+        finally:
+            if counted_day is not None:
+                self._uncount_recipients(integration_id, counted_day, recipients)
+
+    def slow_down(self, integration_id: str, *, seconds: float) -> None:
+        """After a throttling reply: for ``seconds``, half the pace and half the connections."""
+        now = self._clock()
+        until = now + seconds
+        self._open_window(_rate_key(integration_id), until, "tokens = :zero, refilled_at = :now", now)
+        self._open_window(_conn_key(integration_id), until, "", now)
+
+    # ------------------------------------------------------------------ DynamoDB
+
+    def _count_recipients(self, integration_id: str, per_day: int, recipients: int, now: float) -> str:
+        day = datetime.fromtimestamp(now, UTC).date()
+        next_midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC).timestamp()
+        # A message larger than a whole day's cap goes through on an otherwise empty day.
+        room = max(0, per_day - recipients)
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": _day_key(integration_id, day.isoformat())}},
+                UpdateExpression="ADD recipients :n SET #ttl = :ttl",
+                ConditionExpression="attribute_not_exists(recipients) OR recipients <= :room",
+                ExpressionAttributeNames={"#ttl": "ttl"},
+                ExpressionAttributeValues={
+                    ":n": {"N": str(recipients)},
+                    ":room": {"N": str(room)},
+                    ":ttl": {"N": str(int(next_midnight) + 2 * _TTL_GRACE)},
+                },
+            )
+        except self._db.exceptions.ConditionalCheckFailedException:
+            raise GovernorDelay(next_midnight - now, "recipients_per_day") from None
+        except Exception as exc:
+            raise _aws(exc, "UpdateItem") from exc
+        return day.isoformat()
+
+    def _uncount_recipients(self, integration_id: str, day: str, recipients: int) -> None:
+        # Best effort: a count that cannot be given back only makes the day's cap stricter.
+        with contextlib.suppress(Exception):
+            self._db.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": _day_key(integration_id, day)}},
+                UpdateExpression="ADD recipients :n",
+                ConditionExpression="attribute_exists(recipients)",
+                ExpressionAttributeValues={":n": {"N": str(-recipients)}},
+            )
+
+    def _get(self, key: str) -> dict[str, Any]:
+        try:
+            answer = self._db.get_item(TableName=self._table, Key={"pk": {"S": key}}, ConsistentRead=True)
+        except Exception as exc:
+            raise _aws(exc, "GetItem") from exc
+        return answer.get("Item") or {}
+
+    def _put_versioned(
+        self, key: str, version: int | None, update: str, values: dict[str, Any], *, ttl: float
+    ) -> bool:
+        """Apply ``update`` if the item's version is still ``version`` (None: no item yet) and
+        bump it. False when another environment wrote first."""
+        values = {**values, ":one": {"N": "1"}, ":zero": {"N": "0"}, ":ttl": {"N": str(int(ttl))}}
+        if version is None:
+            condition = "attribute_not_exists(version)"
+        else:
+            condition = "version = :seen"
+            values[":seen"] = {"N": str(version)}
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": key}},
+                UpdateExpression=f"{update}, #ttl = :ttl, version = if_not_exists(version, :zero) + :one",
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#ttl": "ttl"},
+                ExpressionAttributeValues=values,
+            )
+        except self._db.exceptions.ConditionalCheckFailedException:
+            return False
+        except Exception as exc:
+            raise _aws(exc, "UpdateItem") from exc
+        return True
+
+    def _update_slot(self, slot: ConnectionSlot, update: str, values: dict[str, Any]) -> bool:
+        set_version = "version = if_not_exists(version, :zero) + :one"
+        if update.startswith("SET "):
+            expression = f"{update}, {set_version}"
+        else:
+            expression = f"{update} SET {set_version}"
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": _conn_key(slot.integration_id)}},
+                UpdateExpression=expression,
+                ConditionExpression="attribute_exists(holders.#slot)",
+                ExpressionAttributeNames={"#slot": slot.slot_id},
+                ExpressionAttributeValues={**values, ":one": {"N": "1"}, ":zero": {"N": "0"}},
+            )
+        except self._db.exceptions.ConditionalCheckFailedException:
+            return False
+        except Exception as exc:
+            raise _aws(exc, "UpdateItem") from exc
+        return True
+
+    def _open_window(self, key: str, until: float, extra: str, now: float) -> None:
+        """Set ``slow_until`` unless a longer window is already open; bump the version so that a
+        write computed before the window cannot land after it."""
+        update = "SET slow_until = :until, #ttl = :ttl, version = if_not_exists(version, :zero) + :one"
+        values = {
+            ":until": {"N": _time(until)},
+            ":ttl": {"N": str(int(until) + _TTL_GRACE)},
+            ":zero": {"N": "0"},
+            ":one": {"N": "1"},
+        }
+        if extra:
+            update += f", {extra}"
+            values[":now"] = {"N": _time(now)}
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": key}},
+                UpdateExpression=update,
+                ConditionExpression="attribute_not_exists(slow_until) OR slow_until < :until",
+                ExpressionAttributeNames={"#ttl": "ttl"},
+                ExpressionAttributeValues=values,
+            )
+        except self._db.exceptions.ConditionalCheckFailedException:
+            pass  # a window at least as long is already open
+        except Exception as exc:
+            raise _aws(exc, "UpdateItem") from exc
+
+    def _back_off(self, attempt: int) -> None:
+        self._sleep(random.uniform(0, min(0.05, 0.002 * (attempt + 1))))  # noqa: S311 - jitter
+
+
+def _connection_cap(max_connections: int | None, *, slowed: bool) -> int | None:
+    if not slowed:
+        return max_connections
+    return max(1, max_connections // 2) if max_connections else 1
+
+
+def _refilled(item: dict[str, Any], pace: Pace, now: float) -> float:
+    if "refilled_at" not in item:
+        return pace.burst
+    elapsed = max(0.0, now - _num(item, "refilled_at"))
+    return min(pace.burst, _num(item, "tokens") + elapsed * pace.rate)
+
+
+def _conn_key(integration_id: str) -> str:
+    return f"gov#{integration_id}#conn"
+
+
+def _rate_key(integration_id: str) -> str:
+    return f"gov#{integration_id}#rate"
+
+
+def _day_key(integration_id: str, day: str) -> str:
+    return f"gov#{integration_id}#day#{day}"
+
+
+def _num(item: dict[str, Any], name: str) -> float:
+    return float(item[name]["N"]) if name in item else 0.0
+
+
+def _int(item: dict[str, Any], name: str) -> int | None:
+    return int(item[name]["N"]) if name in item else None
+
+
+def _time(value: float) -> str:
+    return f"{value:.6f}"
+
+
+def _tokens(value: float) -> str:
+    """Round down: a rounding error may only ever cost capacity, never add it."""
+    return f"{math.floor(max(0.0, value) * 1e9) / 1e9:.9f}"
+
+
+def _aws(exc: Exception, operation: str) -> AwsUnavailable:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    return AwsUnavailable(f"DynamoDB {operation} failed for the send governor: {code}")

@@ -1,0 +1,420 @@
+"""The per-mailbox send governor against DynamoDB emulated in-process (moto), with a clock the
+tests move: connection leases, the message bucket, the daily recipient cap, slow-down windows,
+and the limits holding while many environments race for them."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import boto3
+import pytest
+from mailbroker.errors import AwsUnavailable
+from mailbroker.governor import GovernorDelay, SendGovernor
+from mailbroker.integrations import Limits
+from moto import mock_aws
+
+from tests.fixtures.dynamodb_atomicity import atomic_item_writes
+
+TABLE = "messages"
+START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC).timestamp()
+
+
+class Clock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def dynamodb():
+    with mock_aws(), atomic_item_writes():
+        db = boto3.client("dynamodb", region_name="us-east-1")
+        db.create_table(
+            TableName=TABLE,
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        yield db
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def governor(dynamodb, clock):
+    return SendGovernor(dynamodb, TABLE, clock=clock, sleep=lambda s: None)
+
+
+def another_environment(clock, **kwargs):
+    """A governor with its own DynamoDB client, as a second Lambda environment would have."""
+    return SendGovernor(
+        boto3.client("dynamodb", region_name="us-east-1"), TABLE, clock=clock, sleep=lambda s: None, **kwargs
+    )
+
+
+M365 = Limits(messages_per_minute=30, max_connections=3)
+
+
+# ---------------------------------------------------------------- connections
+
+
+def test_connections_up_to_the_limit_are_granted_and_the_next_is_delayed(governor):
+    for n in range(3):
+        governor.open_connection("m365", M365, holder=f"env-{n}", lease_seconds=120)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.open_connection("m365", M365, holder="env-4", lease_seconds=120)
+
+    assert delay.value.reason == "connections"
+
+
+def test_full_semaphore_delay_is_the_busy_poll_when_leases_last_longer(governor):
+    for n in range(3):
+        governor.open_connection("m365", M365, holder=f"env-{n}", lease_seconds=120)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.open_connection("m365", M365, holder="env-4", lease_seconds=120)
+
+    assert delay.value.retry_after == pytest.approx(5.0)
+
+
+def test_full_semaphore_delay_is_the_earliest_lease_expiry_when_sooner(governor, clock):
+    governor.open_connection("m365", M365, holder="a", lease_seconds=30)
+    clock.now += 1
+    governor.open_connection("m365", M365, holder="b", lease_seconds=30)
+    governor.open_connection("m365", M365, holder="c", lease_seconds=30)
+    clock.now += 27
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.open_connection("m365", M365, holder="d", lease_seconds=30)
+
+    assert delay.value.retry_after == pytest.approx(2.0)
+
+
+def test_released_slot_can_be_taken_by_another_environment(governor, clock):
+    slots = [governor.open_connection("m365", M365, holder=f"env-{n}", lease_seconds=120) for n in range(3)]
+
+    governor.release_connection(slots[1])
+
+    slot = another_environment(clock).open_connection("m365", M365, holder="env-9", lease_seconds=120)
+    assert slot.integration_id == "m365"
+
+
+def test_dead_holders_lease_expires_and_its_slot_is_taken_again(governor, clock):
+    for n in range(3):
+        governor.open_connection("m365", M365, holder=f"crashed-{n}", lease_seconds=30)
+    clock.now += 30.5
+
+    slots = [governor.open_connection("m365", M365, holder=f"alive-{n}", lease_seconds=30) for n in range(3)]
+
+    assert len({s.slot_id for s in slots}) == 3
+
+
+def test_late_release_of_a_lapsed_lease_does_not_free_anyone_elses_slot(governor, clock):
+    lapsed = governor.open_connection("m365", M365, holder="slow", lease_seconds=10)
+    clock.now += 11
+    for n in range(3):
+        governor.open_connection("m365", M365, holder=f"env-{n}", lease_seconds=120)
+
+    governor.release_connection(lapsed)
+
+    with pytest.raises(GovernorDelay):
+        governor.open_connection("m365", M365, holder="env-4", lease_seconds=120)
+
+
+def test_renewed_lease_outlives_its_first_expiry(governor, clock):
+    slot = governor.open_connection("m365", Limits(max_connections=1), holder="a", lease_seconds=10)
+    clock.now += 8
+    governor.renew_connection(slot, lease_seconds=10)
+    clock.now += 8
+
+    with pytest.raises(GovernorDelay):
+        governor.open_connection("m365", Limits(max_connections=1), holder="b", lease_seconds=10)
+
+
+def test_integration_without_a_connection_limit_is_never_held_back(governor):
+    slots = [
+        governor.open_connection("relay", Limits(), holder=f"env-{n}", lease_seconds=60) for n in range(50)
+    ]
+
+    assert all(not s.leased for s in slots)
+
+
+def test_integrations_have_separate_semaphores(governor):
+    for n in range(3):
+        governor.open_connection("m365-a", M365, holder=f"env-{n}", lease_seconds=60)
+
+    slot = governor.open_connection("m365-b", M365, holder="env-0", lease_seconds=60)
+
+    assert slot.integration_id == "m365-b"
+
+
+# ---------------------------------------------------------------- messages per minute
+
+
+def test_bucket_allows_a_tenth_of_the_minute_as_a_burst_then_delays(governor):
+    for _ in range(3):
+        governor.take_message("m365", M365)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_message("m365", M365)
+
+    assert delay.value.reason == "rate"
+    assert delay.value.retry_after == pytest.approx(60 / 28)
+
+
+def test_message_is_allowed_exactly_when_the_delay_has_passed(governor, clock):
+    for _ in range(3):
+        governor.take_message("m365", M365)
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_message("m365", M365)
+
+    clock.now += delay.value.retry_after - 0.01
+    with pytest.raises(GovernorDelay):
+        governor.take_message("m365", M365)
+    clock.now += 0.02
+    governor.take_message("m365", M365)
+
+
+@pytest.mark.parametrize("per_minute", [1, 2, 7, 30, 60])
+def test_no_sixty_second_window_holds_more_than_messages_per_minute(governor, clock, per_minute):
+    limits = Limits(messages_per_minute=per_minute)
+    sent: list[float] = []
+    end = clock.now + 180
+    while clock.now < end:
+        try:
+            governor.take_message("mbx", limits)
+            sent.append(clock.now)
+        except GovernorDelay as delay:
+            clock.now += delay.retry_after
+
+    busiest = max(sum(1 for t in sent if start <= t < start + 60) for start in sent)
+    assert busiest == per_minute
+
+
+def test_sustained_pace_stays_close_to_messages_per_minute(governor, clock):
+    sent = 0
+    end = clock.now + 300
+    while clock.now < end:
+        try:
+            governor.take_message("m365", M365)
+            sent += 1
+        except GovernorDelay as delay:
+            clock.now += delay.retry_after
+
+    assert 28 * 5 <= sent <= 30 * 5
+
+
+def test_environments_share_one_bucket(governor, clock):
+    governor.take_message("m365", M365)
+    another_environment(clock).take_message("m365", M365)
+    governor.take_message("m365", M365)
+
+    with pytest.raises(GovernorDelay):
+        another_environment(clock).take_message("m365", M365)
+
+
+# ---------------------------------------------------------------- recipients per day
+
+
+def test_daily_recipient_cap_delays_until_the_next_utc_midnight(governor, clock):
+    limits = Limits(recipients_per_day=10)
+    governor.take_message("gmail", limits, recipients=6)
+    governor.take_message("gmail", limits, recipients=4)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_message("gmail", limits, recipients=1)
+
+    assert delay.value.reason == "recipients_per_day"
+    assert delay.value.retry_after == pytest.approx(15 * 3600)  # 09:00 -> midnight
+
+
+def test_new_day_restores_the_recipient_cap(governor, clock):
+    limits = Limits(recipients_per_day=10)
+    governor.take_message("gmail", limits, recipients=10)
+    clock.now += 15 * 3600
+
+    governor.take_message("gmail", limits, recipients=10)
+
+
+def test_message_held_back_by_the_rate_does_not_use_up_recipients(governor):
+    limits = Limits(messages_per_minute=1, recipients_per_day=5)
+    governor.take_message("gmail", limits, recipients=3)
+    for _ in range(5):
+        with pytest.raises(GovernorDelay):
+            governor.take_message("gmail", limits, recipients=2)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_message("gmail", Limits(recipients_per_day=5), recipients=3)
+
+    assert delay.value.reason == "recipients_per_day"
+    governor.take_message("gmail", Limits(recipients_per_day=5), recipients=2)
+
+
+def test_message_larger_than_the_daily_cap_goes_through_on_an_empty_day(governor):
+    limits = Limits(recipients_per_day=5)
+
+    governor.take_message("gmail", limits, recipients=8)
+
+    with pytest.raises(GovernorDelay):
+        governor.take_message("gmail", limits, recipients=1)
+
+
+# ---------------------------------------------------------------- slow-down after throttling
+
+
+def test_throttling_reply_empties_the_bucket(governor, clock):
+    governor.slow_down("m365", seconds=300)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_message("m365", M365)
+
+    assert delay.value.retry_after == pytest.approx(4.0)  # half of 30/min: one every 4 s
+
+
+def test_slow_down_window_halves_the_pace_then_ends(governor, clock):
+    governor.slow_down("m365", seconds=120)
+    sent_slowed = 0
+    end = clock.now + 120
+    while clock.now < end:
+        try:
+            governor.take_message("m365", M365)
+            sent_slowed += 1
+        except GovernorDelay as delay:
+            clock.now += delay.retry_after
+    sent_after = 0
+    end = clock.now + 120
+    while clock.now < end:
+        try:
+            governor.take_message("m365", M365)
+            sent_after += 1
+        except GovernorDelay as delay:
+            clock.now += delay.retry_after
+
+    assert 29 <= sent_slowed <= 30  # 15 a minute, starting from an emptied bucket
+    assert 56 <= sent_after <= 60
+
+
+def test_slow_down_halves_the_connections_new_senders_may_open(governor):
+    governor.slow_down("m365", seconds=60)
+    governor.open_connection("m365", Limits(max_connections=4), holder="a", lease_seconds=60)
+    governor.open_connection("m365", Limits(max_connections=4), holder="b", lease_seconds=60)
+
+    with pytest.raises(GovernorDelay):
+        governor.open_connection("m365", Limits(max_connections=4), holder="c", lease_seconds=60)
+
+
+def test_slow_down_serialises_connections_of_an_integration_without_limits(governor):
+    governor.slow_down("relay", seconds=60)
+    governor.open_connection("relay", Limits(), holder="a", lease_seconds=60)
+
+    with pytest.raises(GovernorDelay):
+        governor.open_connection("relay", Limits(), holder="b", lease_seconds=60)
+
+
+def test_shorter_slow_down_does_not_cut_an_open_window_short(governor, clock):
+    governor.slow_down("m365", seconds=600)
+    clock.now += 100
+    governor.slow_down("m365", seconds=10)
+    clock.now += 200
+
+    governor.open_connection("m365", M365, holder="a", lease_seconds=60)
+    with pytest.raises(GovernorDelay):
+        governor.open_connection("m365", M365, holder="b", lease_seconds=60)
+
+
+# ---------------------------------------------------------------- many environments at once
+
+
+def test_racing_environments_never_hold_more_connections_than_the_limit(dynamodb):
+    limits = Limits(max_connections=3)
+    lock = threading.Lock()
+    state = {"open": 0, "peak": 0, "sessions": 0}
+
+    def sender(n: int) -> None:
+        governor = SendGovernor(boto3.client("dynamodb", region_name="us-east-1"), TABLE)
+        for i in range(12):
+            try:
+                slot = governor.open_connection("m365", limits, holder=f"env-{n}-{i}", lease_seconds=60)
+            except GovernorDelay:
+                continue
+            with lock:
+                state["open"] += 1
+                state["sessions"] += 1
+                state["peak"] = max(state["peak"], state["open"])
+            threading.Event().wait(0.002)
+            with lock:
+                state["open"] -= 1
+            governor.release_connection(slot)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert state["peak"] == 3
+    assert state["sessions"] >= 3
+
+
+def test_racing_environments_take_exactly_the_bucket_and_no_more(dynamodb, clock):
+    limits = Limits(messages_per_minute=100)  # burst of 10; the clock stands still: no refill
+    taken = []
+
+    def sender() -> None:
+        governor = another_environment(clock)
+        for _ in range(6):
+            try:
+                governor.take_message("m365", limits)
+                taken.append(1)
+            except GovernorDelay:
+                pass
+
+    threads = [threading.Thread(target=sender) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(taken) == 10
+
+
+def test_racing_environments_never_pass_the_daily_recipient_cap(dynamodb, clock):
+    limits = Limits(recipients_per_day=25)
+    taken = []
+
+    def sender() -> None:
+        governor = another_environment(clock)
+        for _ in range(6):
+            try:
+                governor.take_message("gmail", limits, recipients=1)
+                taken.append(1)
+            except GovernorDelay:
+                pass
+
+    threads = [threading.Thread(target=sender) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(taken) == 25
+
+
+# ---------------------------------------------------------------- DynamoDB failures
+
+
+def test_missing_table_is_aws_unavailable_not_a_delay(dynamodb, clock):
+    governor = SendGovernor(dynamodb, "no-such-table", clock=clock)
+
+    with pytest.raises(AwsUnavailable):
+        governor.open_connection("m365", M365, holder="a", lease_seconds=60)
