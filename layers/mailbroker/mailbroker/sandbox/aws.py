@@ -368,6 +368,7 @@ class Stack:
     types: dict[str, str] = field(default_factory=dict)
     created: list[str] = field(default_factory=list)
     _resolver: _Resolver | None = field(default=None, repr=False)
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- what was created
     def _of_type(self, resource_type: str) -> dict[str, Any]:
@@ -473,6 +474,12 @@ class Stack:
 
     # -- clients and teardown
     def client(self, service: str) -> Any:
+        """A boto3 client for this stack's server (one per service, kept)."""
+        if service not in self._clients:
+            self._clients[service] = self._new_client(service)
+        return self._clients[service]
+
+    def _new_client(self, service: str) -> Any:
         import boto3
 
         env = aws_environment(self.endpoint_url, self.region)
