@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -180,7 +181,7 @@ class SandboxSmtpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._tls_context: Any = None
+        self._tls_context: ssl.SSLContext | None = None
         self._sessions: set[_SandboxSMTP] = set()
         self._startup_error: BaseException | None = None
 
@@ -374,6 +375,10 @@ class SandboxSmtpServer:
 
     # --- bookkeeping (called on the server's loop) -----------------------------------------------
 
+    def _attempted(self) -> None:
+        with self._lock:
+            self.auth_attempts += 1
+
     def _opened(self, session: _SandboxSMTP) -> None:
         with self._lock:
             self.connections += 1
@@ -511,7 +516,11 @@ class _SandboxSMTP(SMTP):
     line_length_limit = _AUTH_LINE_LIMIT + 2
 
     def __init__(
-        self, sandbox: SandboxSmtpServer, *, tls_context: Any, loop: asyncio.AbstractEventLoop
+        self,
+        sandbox: SandboxSmtpServer,
+        *,
+        tls_context: ssl.SSLContext | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.sandbox = sandbox  # first: aiosmtpd's constructor reads every property
         super().__init__(
@@ -660,7 +669,7 @@ class _SandboxSMTP(SMTP):
         return True
 
     async def smtp_AUTH(self, arg: str) -> None:
-        self.sandbox.auth_attempts += 1
+        self.sandbox._attempted()
         session = self._session()
         if await self.check_helo_needed("EHLO"):
             return
