@@ -183,7 +183,7 @@ def load_template(path: str | Path = "template.yaml") -> dict[str, Any]:
 
 
 def references(value: Any) -> set[str]:
-    """Every logical name ``value`` refers to through Ref, GetAtt, Sub or Condition-free DependsOn."""
+    """Every name ``value`` refers to through Ref, GetAtt or Sub: resources, parameters, pseudo ones."""
     found: set[str] = set()
     if isinstance(value, list):
         for item in value:
