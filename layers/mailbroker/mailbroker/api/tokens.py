@@ -9,6 +9,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Body
 from pydantic import BaseModel, ConfigDict
 
 from mailbroker import runtime
+from mailbroker.observability import metrics
 
 router = Router()
 
@@ -21,4 +22,6 @@ class TokenRequest(BaseModel):
 @router.post("/v1/integrations/<integration_id>/token")
 def issue_token(integration_id: str, request: Annotated[TokenRequest | None, Body()] = None) -> dict:
     force = bool(request and request.force_refresh)
-    return runtime.token_broker().token_for(integration_id, force_refresh=force).to_dict()
+    token = runtime.token_broker().token_for(integration_id, force_refresh=force)
+    metrics.add_metric(name=f"TokenSource_{token.source}", unit="Count", value=1)
+    return token.to_dict()
