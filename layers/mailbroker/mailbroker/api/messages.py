@@ -2,6 +2,60 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
+from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
+from mailbroker import runtime
+from mailbroker.api.resolver import error_response
+from mailbroker.errors import InvalidMessage
+from mailbroker.messages.queue import MessageQueue
+from mailbroker.messages.status import MessageStatusStore
+from mailbroker.settings import get_settings
+
 router = Router()
+
+
+def _statuses() -> MessageStatusStore:
+    settings = get_settings()
+    return MessageStatusStore(
+        runtime.aws_client("dynamodb"),
+        settings.message_table,
+        window_seconds=settings.idempotency_hours * 3600,
+    )
+
+
+@router.post("/v1/messages")
+def post_message() -> Response:
+    """Validate and queue a message: 202 ``{"id", "status"}``, or 400 with every field error.
+    A second post of an id already queued, sending or sent answers its current status."""
+    body = router.current_event.decoded_body
+    if not body:
+        raise InvalidMessage(
+            "the request has no body", details=[{"field": "(root)", "problem": "a message JSON is required"}]
+        )
+    queue = MessageQueue(
+        runtime.aws_client("sqs"), get_settings().send_queue_url, _statuses(), runtime.integration_store()
+    )
+    answer = queue.enqueue(body)
+    return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=answer)
+
+
+@router.get("/v1/messages/<message_id>")
+def get_message(message_id: str) -> Response:
+    """The message's status record, or 404 ``not_found``."""
+    message_id = unquote(message_id)
+    record = _statuses().get(message_id)
+    if record is None:
+        return error_response(
+            404,
+            {
+                "code": "not_found",
+                "message": "no status record for this message id",
+                "hint": "Records are kept for the idempotency window (IDEMPOTENCY_HOURS) after the "
+                "last change; check the id, or the dead-letter queue for an invalid message.",
+                "retryable": False,
+            },
+        )
+    return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=record.to_public())

@@ -1,0 +1,338 @@
+"""Message status records, and the idempotency guard that keeps one id from being sent twice.
+
+One DynamoDB item per message id (``pk = msg#<id>``) in ``MESSAGE_TABLE``:
+
+- ``status``: ``queued`` → ``sending`` → ``sent``, or ``retrying`` / ``failed``;
+- ``integration``, ``attempts``, ``next_attempt_at``, ``last_error`` ``{code, message, hint, ...}``,
+  ``reply`` (the server's final reply) and ``refused`` (recipients the server refused, with its
+  replies), ``created_at`` / ``updated_at``;
+- ``ttl``: the end of the idempotency window. DynamoDB deletes expired items days late, so every
+  reader checks ``ttl`` itself: a record past it counts as absent;
+- ``version``, ``lease_owner``, ``lease_until``, ``cycle_started_at``: internal. Every write is
+  conditional on the version the writer read, so two environments holding two copies of one
+  message cannot both move it to ``sending``; the lease tells a live sender from a dead one.
+
+The record is the idempotency key: a message is sent only by the environment whose conditional
+write moved its record to ``sending``, and never when the record says ``sent`` within the window.
+Nothing that can authenticate is ever written here: errors carry codes and descriptions only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from mailbroker.errors import AwsUnavailable, MailbrokerError
+
+KEY_PREFIX = "msg#"
+STATUSES = ("queued", "sending", "sent", "retrying", "failed")
+# Statuses in which the message is on its way: a second post answers the record, never re-queues.
+IN_FLIGHT = frozenset({"queued", "sending", "sent", "retrying"})
+
+
+class StatusConflict(Exception):
+    """The record changed between the read and the conditional write: read it again."""
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    id: str
+    status: str
+    integration: str | None = None
+    attempts: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    next_attempt_at: float | None = None
+    last_error: dict[str, Any] | None = None
+    reply: str | None = None
+    refused: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    ttl: int = 0
+    version: int = 0
+    lease_owner: str | None = None
+    lease_until: float = 0.0
+    cycle_started_at: float = 0.0
+
+    def is_live(self, now: float) -> bool:
+        """Inside the idempotency window (DynamoDB may not have deleted an expired item yet)."""
+        return self.ttl > now
+
+    def lease_held(self, now: float) -> bool:
+        return self.status == "sending" and self.lease_until > now
+
+    def to_public(self) -> dict[str, Any]:
+        """The record as ``GET /v1/messages/{id}`` answers it."""
+        body: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status,
+            "integration": self.integration,
+            "attempts": self.attempts,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+        if self.status == "retrying" and self.next_attempt_at is not None:
+            body["next_attempt_at"] = iso(self.next_attempt_at)
+        if self.last_error is not None:
+            body["last_error"] = self.last_error
+        if self.reply is not None:
+            body["reply"] = self.reply
+        if self.refused:
+            body["refused"] = list(self.refused)
+        return body
+
+
+def iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def error_record(error: MailbrokerError) -> dict[str, Any]:
+    """What a status record and the dead-letter queue keep of an error."""
+    record: dict[str, Any] = {"code": error.code, "message": error.message, "hint": error.hint}
+    if error.details:
+        record["details"] = error.details
+    reply = getattr(error, "reply", None)
+    if reply is not None:
+        record["reply"] = str(reply)
+    stage = getattr(error, "stage", "")
+    if stage:
+        record["stage"] = stage
+    return record
+
+
+def is_new_cycle(seen: MessageRecord | None, now: float) -> bool:
+    """True when a write starts a fresh delivery of the id: no live record, or it had failed (a
+    re-drive or a new post after a failure)."""
+    return seen is None or not seen.is_live(now) or seen.status == "failed"
+
+
+def attempts_so_far(seen: MessageRecord | None, now: float) -> int:
+    return 0 if is_new_cycle(seen, now) else seen.attempts  # type: ignore[union-attr]
+
+
+class MessageStatusStore:
+    """Reads and writes status records. ``window_seconds`` is the idempotency window."""
+
+    def __init__(
+        self,
+        dynamodb_client: Any,
+        table: str,
+        *,
+        window_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = dynamodb_client
+        self._table = table
+        self.window_seconds = window_seconds
+        self._clock = clock
+
+    # ------------------------------------------------------------------ reads
+
+    def load(self, message_id: str) -> MessageRecord | None:
+        """The stored record, even one past its window (``is_live`` says which)."""
+        try:
+            item = self._db.get_item(
+                TableName=self._table, Key={"pk": {"S": KEY_PREFIX + message_id}}, ConsistentRead=True
+            ).get("Item")
+        except Exception as exc:
+            raise _aws(exc, "GetItem") from exc
+        return _from_item(item) if item else None
+
+    def get(self, message_id: str) -> MessageRecord | None:
+        """The record inside its window, or None."""
+        record = self.load(message_id)
+        return record if record and record.is_live(self._clock()) else None
+
+    # ------------------------------------------------------------------ transitions
+
+    def queue(self, message_id: str, integration: str, seen: MessageRecord | None) -> MessageRecord:
+        return self._write(
+            self._next(message_id, seen, status="queued", integration=integration, attempts=0),
+            seen,
+        )
+
+    def start_sending(
+        self,
+        message_id: str,
+        integration: str,
+        seen: MessageRecord | None,
+        *,
+        holder: str,
+        lease_seconds: float,
+    ) -> MessageRecord:
+        """Claim the id for one send; raises :class:`StatusConflict` if anyone wrote since ``seen``."""
+        now = self._clock()
+        record = self._next(
+            message_id,
+            seen,
+            status="sending",
+            integration=integration,
+            attempts=attempts_so_far(seen, now),
+            lease_owner=holder,
+            lease_until=now + lease_seconds,
+        )
+        return self._write(record, seen)
+
+    def sent(
+        self,
+        message_id: str,
+        integration: str,
+        seen: MessageRecord | None,
+        *,
+        reply: str,
+        refused: list[dict[str, str]],
+    ) -> MessageRecord:
+        """The server took the message: written whatever happened to the record meanwhile."""
+        record = self._next(
+            message_id,
+            seen,
+            status="sent",
+            integration=integration,
+            attempts=attempts_so_far(seen, self._clock()) + 1,
+            reply=reply,
+            refused=tuple(refused),
+            last_error=None,
+        )
+        return self._write(record, None, unconditional=True)
+
+    def retrying(
+        self,
+        message_id: str,
+        integration: str | None,
+        seen: MessageRecord | None,
+        *,
+        error: dict[str, Any],
+        attempts: int,
+        next_attempt_at: float,
+    ) -> MessageRecord:
+        record = self._next(
+            message_id,
+            seen,
+            status="retrying",
+            integration=integration,
+            attempts=attempts,
+            next_attempt_at=next_attempt_at,
+            last_error=error,
+        )
+        return self._write(record, seen)
+
+    def failed(
+        self,
+        message_id: str,
+        integration: str | None,
+        seen: MessageRecord | None,
+        *,
+        error: dict[str, Any],
+        attempts: int,
+    ) -> MessageRecord:
+        record = self._next(
+            message_id, seen, status="failed", integration=integration, attempts=attempts, last_error=error
+        )
+        return self._write(record, seen)
+
+    # ------------------------------------------------------------------ internals
+
+    def _next(self, message_id: str, seen: MessageRecord | None, **changes: Any) -> MessageRecord:
+        now = self._clock()
+        new_cycle = is_new_cycle(seen, now)
+        base = MessageRecord(id=message_id, status="queued", created_at=now) if new_cycle else seen
+        assert base is not None
+        if changes.get("integration") is None:
+            changes["integration"] = seen.integration if seen else None
+        fields: dict[str, Any] = {
+            "id": message_id,
+            "next_attempt_at": None,
+            "lease_owner": None,
+            "lease_until": 0.0,
+            "created_at": base.created_at or now,
+            "updated_at": now,
+            "ttl": int(now + self.window_seconds),
+            "version": (seen.version if seen else 0) + 1,
+            "cycle_started_at": now if new_cycle else base.cycle_started_at,
+        }
+        return replace(base, **{**fields, **changes})
+
+    def _write(
+        self, record: MessageRecord, seen: MessageRecord | None, *, unconditional: bool = False
+    ) -> MessageRecord:
+        request: dict[str, Any] = {"TableName": self._table, "Item": _to_item(record)}
+        if not unconditional:
+            if seen is None:
+                request["ConditionExpression"] = "attribute_not_exists(pk)"
+            else:
+                request["ConditionExpression"] = "version = :seen"
+                request["ExpressionAttributeValues"] = {":seen": {"N": str(seen.version)}}
+        try:
+            self._db.put_item(**request)
+        except self._db.exceptions.ConditionalCheckFailedException:
+            raise StatusConflict(record.id) from None
+        except Exception as exc:
+            raise _aws(exc, "PutItem") from exc
+        return record
+
+
+def _to_item(record: MessageRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "pk": {"S": KEY_PREFIX + record.id},
+        "id": {"S": record.id},
+        "status": {"S": record.status},
+        "attempts": {"N": str(record.attempts)},
+        "created_at": {"N": _num(record.created_at)},
+        "updated_at": {"N": _num(record.updated_at)},
+        "ttl": {"N": str(record.ttl)},
+        "version": {"N": str(record.version)},
+        "cycle_started_at": {"N": _num(record.cycle_started_at)},
+    }
+    if record.integration:
+        item["integration"] = {"S": record.integration}
+    if record.next_attempt_at is not None:
+        item["next_attempt_at"] = {"N": _num(record.next_attempt_at)}
+    if record.last_error is not None:
+        item["last_error"] = {"S": json.dumps(record.last_error, ensure_ascii=False)}
+    if record.reply is not None:
+        item["reply"] = {"S": record.reply}
+    if record.refused:
+        item["refused"] = {"S": json.dumps(list(record.refused), ensure_ascii=False)}
+    if record.lease_owner:
+        item["lease_owner"] = {"S": record.lease_owner}
+        item["lease_until"] = {"N": _num(record.lease_until)}
+    return item
+
+
+def _from_item(item: dict[str, Any]) -> MessageRecord:
+    def number(name: str, default: float = 0.0) -> float:
+        return float(item[name]["N"]) if name in item else default
+
+    def text(name: str) -> str | None:
+        return item[name]["S"] if name in item else None
+
+    last_error = text("last_error")
+    refused = text("refused")
+    return MessageRecord(
+        id=item["id"]["S"],
+        status=item["status"]["S"],
+        integration=text("integration"),
+        attempts=int(number("attempts")),
+        created_at=number("created_at"),
+        updated_at=number("updated_at"),
+        next_attempt_at=number("next_attempt_at") if "next_attempt_at" in item else None,
+        last_error=json.loads(last_error) if last_error else None,
+        reply=text("reply"),
+        refused=tuple(json.loads(refused)) if refused else (),
+        ttl=int(number("ttl")),
+        version=int(number("version")),
+        lease_owner=text("lease_owner"),
+        lease_until=number("lease_until"),
+        cycle_started_at=number("cycle_started_at"),
+    )
+
+
+def _num(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _aws(exc: Exception, operation: str) -> AwsUnavailable:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    return AwsUnavailable(f"DynamoDB {operation} failed for a message status: {code}")
