@@ -58,7 +58,7 @@ typecheck: venv ## mypy over the package
 cfn: venv tools ## cfn-lint, sam validate --lint (offline) and checkov on template.yaml
 	@$(VENV)/bin/cfn-lint template.yaml
 	@AWS_DEFAULT_REGION=us-east-1 SAM_CLI_TELEMETRY=0 $(SAM) validate --lint --template template.yaml
-	@$(CHECKOV) --quiet --compact --framework cloudformation --file template.yaml
+	@$(CHECKOV) --quiet --compact --skip-download --framework cloudformation --file template.yaml
 
 test: lint typecheck cfn ## lint, template checks and the whole pytest suite (servers start and stop themselves)
 	@$(PY) -m pytest -n 2 --dist loadgroup

@@ -65,7 +65,7 @@ class _TimeoutSession(requests.Session):
         self._seen = threading.local()
         self.hooks["response"].append(self._remember)
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
         given = kwargs.get("timeout")
         kwargs["timeout"] = min(given, self._timeout) if isinstance(given, int | float) else self._timeout
         self._seen.status = None
