@@ -1,0 +1,60 @@
+"""The keeper function: one run over every integration per scheduled event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailbroker import runtime
+from mailbroker.observability import logger, metrics
+from mailbroker.settings import Settings, get_settings
+
+
+def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Run the keeper once; answer the summary ``{checked, healthy, refreshed, unhealthy, alerts}``."""
+    logger.info("keeper run started", extra={"source": (event or {}).get("source")})
+    summary = build_keeper(get_settings()).run()
+    metrics.add_metric(name="IntegrationsChecked", unit="Count", value=len(summary.checked))
+    metrics.add_metric(name="IntegrationsUnhealthy", unit="Count", value=len(summary.unhealthy))
+    metrics.add_metric(name="RefreshTokensExercised", unit="Count", value=len(summary.refreshed))
+    metrics.add_metric(name="AlertsPublished", unit="Count", value=summary.alerts)
+    return summary.to_dict()
+
+
+def build_keeper(settings: Settings, **overrides: Any) -> Any:
+    from mailbroker.health import HealthStore, SnsAlerts
+    from mailbroker.keeper import Keeper, live_smtp_check
+
+    broker = overrides.pop("broker", None) or runtime.token_broker()
+    return Keeper(
+        overrides.pop("integrations", None) or runtime.integration_store(),
+        broker,
+        HealthStore(runtime.aws_client("dynamodb"), settings.token_table),
+        SnsAlerts(runtime.aws_client("sns"), settings.alert_topic_arn),
+        keep_alive_days=settings.keep_alive_days,
+        secret_expiry_warning_days=settings.secret_expiry_warning_days,
+        smtp_check=lambda integration: live_smtp_check(integration, broker),
+        on_checked=integration_metrics,
+        **overrides,
+    )
+
+
+def integration_metrics(checked: Any) -> None:
+    """One EMF record per integration, with the integration as its dimension."""
+    from aws_lambda_powertools.metrics import EphemeralMetrics
+
+    record = checked.record
+    per_integration = EphemeralMetrics()
+    per_integration.add_dimension(name="integration", value=record.integration)
+    per_integration.add_metric(name="IntegrationHealthy", unit="Count", value=1 if record.healthy else 0)
+    per_integration.add_metric(
+        name="RefreshTokenExercised", unit="Count", value=1 if checked.observation.refreshed else 0
+    )
+    per_integration.add_metric(name="ConsecutiveFailures", unit="Count", value=record.consecutive_failures)
+    if record.token_expires_at is not None:
+        per_integration.add_metric(
+            name="TokenSecondsLeft", unit="Seconds", value=max(record.token_expires_at - record.checked_at, 0)
+        )
+    try:
+        per_integration.flush_metrics()
+    except Exception:
+        logger.warning("integration metrics not emitted", extra={"integration": record.integration})
