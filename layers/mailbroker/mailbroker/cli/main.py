@@ -1,0 +1,172 @@
+"""``mailbroker``: the operator's command line.
+
+    mailbroker integration add|list|show|remove   register and inspect integrations
+    mailbroker consent google ID                  obtain a Gmail refresh token (loopback flow)
+    mailbroker setup microsoft ID                 admin consent URL + Exchange Online PowerShell
+    mailbroker doctor ID                          diagnose an integration step by step
+    mailbroker send | status ID | dlq list|redrive   messages
+    mailbroker local                              the sandbox, kept up for exploration
+    mailbroker errors [--markdown]                every error code with its hint
+
+AWS is reached the standard way (AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL); ``--json`` prints
+machine-readable output for every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from mailbroker.cli.context import CliError, Context
+from mailbroker.cli.output import Output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mailbroker.cli import consent, doctor, integrations, messages, setup
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "--stack",
+        default=argparse.SUPPRESS,
+        help="read table, queue and prefix names from this CloudFormation stack's outputs",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="mailbroker",
+        description="Operate mailbroker: integrations, consent, diagnosis, messages and the local sandbox.",
+        parents=[common],
+    )
+    from mailbroker import __version__
+
+    parser.add_argument("--version", action="version", version=f"mailbroker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    integrations.register(commands, common)
+    consent.register(commands, common)
+    setup.register(commands, common)
+    doctor.register(commands, common)
+    messages.register(commands, common)
+
+    local = commands.add_parser(
+        "local",
+        parents=[common],
+        help="run the local sandbox until Ctrl-C, HTTP API on a loopback port",
+        description="Start moto, the sandbox token endpoints and SMTP server, provision template.yaml, "
+        "register the demo integrations, and serve the HTTP API on 127.0.0.1 until interrupted.",
+    )
+    local.add_argument("--port", type=int, default=0, help="HTTP API port (default: any free)")
+    local.add_argument("--template", default="template.yaml")
+    local.add_argument("--no-demo", action="store_true", help="start without the demo integrations")
+    local.set_defaults(handler=run_local)
+
+    errors = commands.add_parser("errors", parents=[common], help="every error code, its retry rule and hint")
+    errors.add_argument("--markdown", action="store_true", help="the troubleshooting table as Markdown")
+    errors.set_defaults(handler=list_errors)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Output(as_json=getattr(args, "json", False))
+    try:
+        ctx = Context(stack=getattr(args, "stack", None))
+        return int(args.handler(args, ctx, out))
+    except CliError as exc:
+        out.error(exc.code, exc.message, exc.hint)
+        return 2
+    except KeyboardInterrupt:
+        out.note("interrupted")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        return report_failure(exc, out)
+
+
+def report_failure(exc: Exception, out: Output) -> int:
+    from mailbroker.errors import MailbrokerError
+
+    if isinstance(exc, MailbrokerError):
+        out.error(exc.code, exc.message, exc.hint)
+        return 1
+    aws = _aws_problem(exc)
+    if aws is not None:
+        out.error("aws_unavailable", *aws)
+        return 1
+    raise exc
+
+
+def _aws_problem(exc: Exception) -> tuple[str, str] | None:
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return None
+    if isinstance(exc, NoRegionError):
+        return (
+            "no AWS region is configured",
+            "Set AWS_REGION (or AWS_DEFAULT_REGION), or use a profile with one.",
+        )
+    if isinstance(exc, NoCredentialsError):
+        return "no AWS credentials were found", "Set AWS_PROFILE, or run 'aws sso login' / 'aws configure'."
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return (
+            f"{exc.operation_name} failed: {error.get('Code')}: {error.get('Message', '')}".strip(),
+            "Check the AWS account, region and permissions (or AWS_ENDPOINT_URL for the sandbox).",
+        )
+    if isinstance(exc, BotoCoreError):
+        return str(exc), "Check the network and AWS_ENDPOINT_URL."
+    return None
+
+
+def list_errors(args: argparse.Namespace, ctx: Context, out: Output) -> int:
+    from mailbroker.errors import CATALOGUE
+
+    if out.as_json:
+        out.json([{"code": k.code, "retryable": k.retryable, "hint": k.hint} for k in CATALOGUE.values()])
+    elif args.markdown:
+        out.line(troubleshooting_markdown().rstrip("\n"))
+    else:
+        out.table(
+            ["CODE", "RETRIED", "WHAT TO DO"],
+            [[k.code, "yes" if k.retryable else "no", k.hint] for k in CATALOGUE.values()],
+        )
+    return 0
+
+
+def troubleshooting_markdown() -> str:
+    """docs/troubleshooting.md: the error catalogue as a table (a test keeps the file in step)."""
+    from mailbroker.errors import CATALOGUE
+
+    lines = [
+        "# Troubleshooting",
+        "",
+        "Every failure mailbroker reports carries one of these codes, in the message status record, the",
+        "dead-letter queue's message attributes, `mailbroker doctor` and the HTTP API's error bodies.",
+        "Generated from `mailbroker/errors.py`: `mailbroker errors --markdown > docs/troubleshooting.md`.",
+        "",
+        "| code | retried | what to do |",
+        "| --- | --- | --- |",
+    ]
+    for kind in CATALOGUE.values():
+        hint = kind.hint.replace("|", "\\|")
+        lines.append(f"| `{kind.code}` | {'yes' if kind.retryable else 'no'} | {hint} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_local(args: argparse.Namespace, ctx: Context, out: Output) -> int:
+    from mailbroker.sandbox.local import serve
+
+    return serve(template=args.template, port=args.port, demo=not args.no_demo, out=out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""``mailbroker send``, ``mailbroker status ID`` and ``mailbroker dlq list|redrive``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import time
+from pathlib import Path
+from typing import Any
+
+from mailbroker.cli.context import CliError, Context
+from mailbroker.cli.integrations import parse_sender, read_json
+from mailbroker.cli.output import Output
+from mailbroker.errors import InvalidMessage, MailbrokerError
+
+FINAL = ("sent", "failed")
+STATUS_COLOURS = {"sent": "green", "failed": "red", "retrying": "yellow", "queued": "blue", "sending": "blue"}
+# How long a message stays hidden while `dlq` walks the queue; each is made visible again at once.
+_PEEK_SECONDS = 30
+
+
+def register(commands: Any, common: argparse.ArgumentParser) -> None:
+    send = commands.add_parser(
+        "send",
+        parents=[common],
+        help="queue a message (from flags or a JSON file)",
+        description="Validate a message and put it on the send queue; --wait follows its status.",
+    )
+    send.add_argument("--file", metavar="FILE", help="the message JSON ('-' for stdin)")
+    send.add_argument("--integration", "-i")
+    send.add_argument("--id", help="idempotency key (default: generated)")
+    send.add_argument("--from", dest="sender", metavar="EMAIL[=NAME]")
+    send.add_argument("--to", action="append", metavar="EMAIL[=NAME]")
+    send.add_argument("--cc", action="append", metavar="EMAIL[=NAME]")
+    send.add_argument("--bcc", action="append", metavar="EMAIL[=NAME]")
+    send.add_argument("--reply-to", metavar="EMAIL")
+    send.add_argument("--subject")
+    send.add_argument("--text", help="plain-text body ('@FILE' reads it from a file)")
+    send.add_argument("--html", help="HTML body ('@FILE' reads it from a file)")
+    send.add_argument("--usage", help="e.g. transactional")
+    send.add_argument("--header", action="append", metavar="NAME=VALUE")
+    send.add_argument("--attach", action="append", metavar="FILE")
+    send.add_argument(
+        "--wait", action="store_true", help="poll the status until the message is sent or failed"
+    )
+    send.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
+    send.set_defaults(handler=send_message)
+
+    status = commands.add_parser("status", parents=[common], help="a message's status record")
+    status.add_argument("id")
+    status.set_defaults(handler=message_status)
+
+    dlq = commands.add_parser("dlq", help="messages that failed for good")
+    sub = dlq.add_subparsers(dest="action", required=True, metavar="{list,redrive}")
+    listing = sub.add_parser("list", parents=[common], help="what waits in the dead-letter queue, and why")
+    listing.add_argument("--max", type=int, default=100, help="list at most this many (default 100)")
+    listing.set_defaults(handler=dlq_list)
+    redrive = sub.add_parser(
+        "redrive",
+        parents=[common],
+        help="put dead-lettered messages back on the send queue",
+        description="Re-queue dead-lettered messages once their cause is fixed: each is validated and "
+        "queued again (status 'queued'), then removed from the dead-letter queue.",
+    )
+    chosen = redrive.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--id", action="append", dest="ids", metavar="MESSAGE_ID", help="only this message")
+    chosen.add_argument("--all", action="store_true", help="every message in the dead-letter queue")
+    redrive.add_argument("--integration", help="only messages for this integration")
+    redrive.set_defaults(handler=dlq_redrive)
+
+
+# --- send / status ----------------------------------------------------------------------------------
+
+
+def message_queue(ctx: Context) -> Any:
+    from mailbroker.messages.queue import MessageQueue
+
+    return MessageQueue(
+        ctx.client("sqs"),
+        ctx.require("send_queue_url", "SEND_QUEUE_URL"),
+        status_store(ctx),
+        ctx.integrations,
+    )
+
+
+def status_store(ctx: Context) -> Any:
+    from mailbroker.messages.status import MessageStatusStore
+
+    return MessageStatusStore(
+        ctx.client("dynamodb"),
+        ctx.require("message_table", "MESSAGE_TABLE"),
+        window_seconds=ctx.settings.idempotency_hours * 3600,
+    )
+
+
+def build_message(args: argparse.Namespace) -> dict[str, Any]:
+    message: dict[str, Any] = {}
+    if args.file:
+        message = read_json(args.file)
+        if not isinstance(message, dict):
+            raise CliError(f"{args.file} does not hold a JSON object")
+    if args.integration:
+        message["integration"] = args.integration
+    if args.id:
+        message["id"] = args.id
+    if args.sender:
+        message["from"] = parse_sender(args.sender)
+    for field in ("to", "cc", "bcc"):
+        values = getattr(args, field)
+        if values:
+            message[field] = [parse_sender(v) for v in values]
+    if args.reply_to:
+        message["reply_to"] = args.reply_to
+    if args.subject is not None:
+        message["subject"] = args.subject
+    for field in ("text", "html"):
+        value = getattr(args, field)
+        if value is not None:
+            message[field] = Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
+    if args.usage:
+        message["usage"] = args.usage
+    if args.header:
+        headers = dict(message.get("headers") or {})
+        for item in args.header:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise CliError(f"--header {item!r} is not NAME=VALUE")
+            headers[name.strip()] = value
+        message["headers"] = headers
+    for path in args.attach or []:
+        file = Path(path)
+        try:
+            content = file.read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror}") from None
+        message.setdefault("attachments", []).append(
+            {
+                "filename": file.name,
+                "content_type": mimetypes.guess_type(file.name)[0] or "application/octet-stream",
+                "content": base64.b64encode(content).decode("ascii"),
+            }
+        )
+    return message
+
+
+def send_message(args: argparse.Namespace, ctx: Context, out: Output) -> int:
+    message = build_message(args)
+    try:
+        answer = message_queue(ctx).enqueue(message)
+    except InvalidMessage as exc:
+        if out.as_json:
+            out.json({"error": exc.to_dict()})
+            return 2
+        out.note(f"{out.mark(False)} the message is invalid; nothing was queued:")
+        for detail in exc.details:
+            out.note(f"  - {detail.get('field')}: {detail.get('problem')}")
+        return 2
+    if not args.wait:
+        if out.as_json:
+            out.json(answer)
+        else:
+            out.line(f"{out.mark(True)} queued {answer['id']} (status {answer['status']})")
+            out.note(f"follow it: mailbroker status {answer['id']}")
+        return 0
+    record = wait_for(ctx, out, answer["id"], args.timeout)
+    return show_record(out, record, answer["id"])
+
+
+def wait_for(ctx: Context, out: Output, message_id: str, timeout: float) -> Any:
+    statuses = status_store(ctx)
+    deadline = time.monotonic() + timeout
+    record = None
+    last = None
+    with out.progress(f"waiting for {message_id}"):
+        while time.monotonic() < deadline:
+            record = statuses.get(message_id)
+            if record is not None and record.status != last and not out.interactive and not out.as_json:
+                out.note(f"  {record.status}")
+                last = record.status
+            if record is not None and record.status in FINAL:
+                return record
+            time.sleep(0.5)
+    return record
+
+
+def message_status(args: argparse.Namespace, ctx: Context, out: Output) -> int:
+    record = status_store(ctx).get(args.id)
+    if record is None:
+        raise MailbrokerError(
+            f"no status record for message {args.id!r}",
+            code="invalid_message",
+            hint="Records live for the idempotency window (IDEMPOTENCY_HOURS); check the id.",
+        )
+    return show_record(out, record, args.id)
+
+
+def show_record(out: Output, record: Any, message_id: str) -> int:
+    if record is None:
+        out.error(
+            "timeout", f"message {message_id} has no final status yet", "Look again: mailbroker status ID"
+        )
+        return 1
+    body = record.to_public()
+    if out.as_json:
+        out.json(body)
+    else:
+        colour = STATUS_COLOURS.get(body["status"], "bold")
+        out.line(f"{out.paint('id', 'bold')}: {body['id']}")
+        out.line(f"{out.paint('status', 'bold')}: {out.paint(body['status'], colour)}")
+        for key in ("integration", "attempts", "created_at", "updated_at", "next_attempt_at", "reply"):
+            if body.get(key) is not None:
+                out.line(f"{out.paint(key, 'bold')}: {body[key]}")
+        error = body.get("last_error")
+        if error:
+            out.line(f"{out.paint('error', 'bold')}: {error.get('code')}: {error.get('message')}")
+            if error.get("hint"):
+                out.line(f"{out.paint('hint', 'bold')}: {error['hint']}")
+        for refused in body.get("refused", []):
+            out.line(f"{out.paint('refused', 'bold')}: {json.dumps(refused)}")
+    if record.status == "failed":
+        return 1
+    return 0
+
+
+# --- dead-letter queue ----------------------------------------------------------------------------------
+
+
+def receive_all(sqs: Any, queue_url: str, limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` messages with their attributes, each hidden for a short while: the caller
+    deletes the ones it handled and ``release``s the others."""
+    found: dict[str, dict[str, Any]] = {}
+    while len(found) < limit:
+        answer = sqs.receive_message(
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=min(10, limit - len(found)),
+            VisibilityTimeout=_PEEK_SECONDS,
+            WaitTimeSeconds=0,
+            MessageAttributeNames=["All"],
+            AttributeNames=["All"],
+        )
+        batch = answer.get("Messages", [])
+        if not batch:
+            break
+        for message in batch:
+            found[message["MessageId"]] = message
+    return list(found.values())
+
+
+def release(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) -> None:
+    """Make received messages visible again at once."""
+    for message in messages:
+        sqs.change_message_visibility(
+            QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+        )
+
+
+def describe(message: dict[str, Any]) -> dict[str, Any]:
+    attributes = {k: v.get("StringValue") for k, v in (message.get("MessageAttributes") or {}).items()}
+    try:
+        body = json.loads(message.get("Body") or "")
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    sent = message.get("Attributes", {}).get("SentTimestamp")
+    return {
+        "message_id": attributes.get("message_id") or body.get("id") or message["MessageId"],
+        "integration": attributes.get("integration") or body.get("integration"),
+        "error_code": attributes.get("error_code"),
+        "error_message": attributes.get("error_message"),
+        "hint": attributes.get("error_hint"),
+        "dead_lettered_at": _iso_ms(sent),
+        "receive_count": int(message.get("Attributes", {}).get("ApproximateReceiveCount", 0)),
+        "sqs_message_id": message["MessageId"],
+    }
+
+
+def _iso_ms(value: str | None) -> str | None:
+    from mailbroker.health import iso
+
+    return iso(int(value) / 1000) if value else None
+
+
+def dlq_list(args: argparse.Namespace, ctx: Context, out: Output) -> int:
+    url = ctx.require("dead_letter_queue_url", "DEAD_LETTER_QUEUE_URL")
+    sqs = ctx.client("sqs")
+    with out.progress("reading the dead-letter queue"):
+        received = receive_all(sqs, url, args.max)
+        release(sqs, url, received)
+    entries = [describe(m) for m in received]
+    if out.as_json:
+        out.json(entries)
+        return 0
+    if not entries:
+        out.line(f"{out.mark(True)} the dead-letter queue is empty")
+        return 0
+    out.table(
+        ["MESSAGE", "INTEGRATION", "ERROR", "DEAD-LETTERED", "WHY"],
+        [
+            [
+                e["message_id"],
+                e["integration"],
+                e["error_code"] or "(receive limit)",
+                e["dead_lettered_at"],
+                (e["error_message"] or "")[:80],
+            ]
+            for e in entries
+        ],
+    )
+    hints = {e["error_code"]: e["hint"] for e in entries if e["error_code"] and e["hint"]}
+    if hints:
+        out.line()
+        for code, hint in hints.items():
+            out.line(f"{out.paint(code, 'bold')}: {hint}")
+    out.line()
+    out.note("once the cause is fixed: mailbroker dlq redrive --id MESSAGE (or --all)")
+    return 0
+
+
+def dlq_redrive(args: argparse.Namespace, ctx: Context, out: Output) -> int:
+    url = ctx.require("dead_letter_queue_url", "DEAD_LETTER_QUEUE_URL")
+    sqs = ctx.client("sqs")
+    queue = message_queue(ctx)
+    wanted = set(args.ids or [])
+    results: list[dict[str, Any]] = []
+    with out.progress("re-driving"):
+        received = receive_all(sqs, url, 10_000)
+        untouched = []
+        try:
+            for message in received:
+                entry = describe(message)
+                chosen = (not wanted or entry["message_id"] in wanted) and (
+                    not args.integration or entry["integration"] == args.integration
+                )
+                if not chosen:
+                    untouched.append(message)
+                    continue
+                try:
+                    answer = queue.enqueue(message["Body"])
+                except MailbrokerError as exc:
+                    untouched.append(message)
+                    results.append(
+                        {"message_id": entry["message_id"], "redriven": False, "error": exc.to_dict()}
+                    )
+                    continue
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+                results.append({"message_id": answer["id"], "redriven": True, "status": answer["status"]})
+        finally:
+            release(sqs, url, untouched)
+    missing = sorted(wanted - {r["message_id"] for r in results})
+    if out.as_json:
+        out.json({"results": results, "not_found": missing})
+    else:
+        for result in results:
+            if result["redriven"]:
+                out.line(f"{out.mark(True)} {result['message_id']} queued again")
+            else:
+                error = result["error"]
+                out.line(f"{out.mark(False)} {result['message_id']}: {error['code']}: {error['message']}")
+        for message_id in missing:
+            out.line(f"{out.mark(False)} {message_id}: not in the dead-letter queue")
+        if not results and not missing:
+            out.line("nothing to re-drive")
+    return 0 if all(r["redriven"] for r in results) and not missing else 1

@@ -1,0 +1,87 @@
+"""``mailbroker setup microsoft ID``: the admin-consent URL and the Exchange Online PowerShell that
+let an Entra app send as a mailbox over SMTP, with the integration's values filled in."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+from urllib.parse import urlencode
+
+from mailbroker.cli.context import CliError, Context
+from mailbroker.cli.output import Output
+from mailbroker.integrations import MicrosoftIntegration
+
+OBJECT_ID_PLACEHOLDER = "<Enterprise Application object id>"
+
+
+def register(commands: Any, common: argparse.ArgumentParser) -> None:
+    group = commands.add_parser("setup", help="print the provider-side set-up for an integration")
+    sub = group.add_subparsers(dest="provider", required=True, metavar="{microsoft}")
+    microsoft = sub.add_parser(
+        "microsoft",
+        parents=[common],
+        help="admin consent URL and Exchange Online PowerShell",
+        description="Print the admin-consent URL and the exact Exchange Online PowerShell that let the "
+        "integration's app send as its mailbox over SMTP.",
+    )
+    microsoft.add_argument("id")
+    microsoft.add_argument(
+        "--object-id",
+        help="the service principal's object id: Entra admin center > Enterprise applications > the app "
+        "> Overview > Object ID (not the App registration's object id)",
+    )
+    microsoft.set_defaults(handler=setup_microsoft)
+
+
+def setup_microsoft(args: argparse.Namespace, ctx: Context, out: Output) -> int:
+    integration = ctx.integrations.get(args.id)
+    if not isinstance(integration, MicrosoftIntegration):
+        raise CliError(f"integration {args.id!r} is a {integration.provider} integration, not microsoft")
+    plan = microsoft_plan(integration, args.object_id)
+    if out.as_json:
+        out.json(plan)
+        return 0
+    out.line(out.paint("1. Grant admin consent", "bold") + " (a Global or Privileged Role Administrator):")
+    out.line(f"   {plan['admin_consent_url']}")
+    out.line("   The app registration needs the application permission Office 365 Exchange Online >")
+    out.line("   SMTP.SendAsApp (API permissions > Add a permission > APIs my organization uses).")
+    out.line()
+    out.line(out.paint("2. Exchange Online PowerShell", "bold") + " (as an Exchange administrator):")
+    if not args.object_id:
+        out.line("   Find the object id first: Entra admin center > Enterprise applications > the app >")
+        out.line("   Overview > Object ID. It is NOT the object id on the App registration's page; the")
+        out.line("   wrong one makes every AUTH fail with 535 5.7.3.")
+    out.line()
+    for command in plan["powershell"]:
+        out.line(f"   {command}")
+    out.line()
+    out.line(f"3. Check it: mailbroker doctor {integration.id}")
+    return 0
+
+
+def microsoft_plan(integration: MicrosoftIntegration, object_id: str | None) -> dict[str, Any]:
+    principal = object_id or OBJECT_ID_PLACEHOLDER
+    quoted = f'"{principal}"' if object_id else principal
+    mailbox = integration.username
+    send_as = sorted({s.email for s in integration.senders} | {mailbox}, key=str.lower)
+    query = urlencode({"client_id": integration.client_id})
+    commands = [
+        "Install-Module -Name ExchangeOnlineManagement -Scope CurrentUser   # once",
+        f'Connect-ExchangeOnline -Organization "{integration.tenant_id}"',
+        f'New-ServicePrincipal -AppId "{integration.client_id}" -ObjectId {quoted} '
+        f'-DisplayName "mailbroker {integration.id}"',
+        f'Add-MailboxPermission -Identity "{mailbox}" -User {quoted} -AccessRights FullAccess',
+    ]
+    commands += [
+        f'Add-RecipientPermission -Identity "{address}" -Trustee {quoted} -AccessRights SendAs '
+        "-Confirm:$false"
+        for address in send_as
+    ]
+    commands.append(f'Set-CASMailbox -Identity "{mailbox}" -SmtpClientAuthenticationDisabled $false')
+    return {
+        "integration": integration.id,
+        "admin_consent_url": f"{integration.authority}/{integration.tenant_id}/adminconsent?{query}",
+        "permission": "Office 365 Exchange Online / SMTP.SendAsApp (application)",
+        "object_id": object_id,
+        "powershell": commands,
+    }
