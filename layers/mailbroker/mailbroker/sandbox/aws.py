@@ -15,6 +15,7 @@ Clients reach the server through boto3's standard ``AWS_ENDPOINT_URL`` and dummy
 from __future__ import annotations
 
 import contextlib
+import functools
 import graphlib
 import json
 import re
@@ -368,7 +369,6 @@ class Stack:
     types: dict[str, str] = field(default_factory=dict)
     created: list[str] = field(default_factory=list)
     _resolver: _Resolver | None = field(default=None, repr=False)
-    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- what was created
     def _of_type(self, resource_type: str) -> dict[str, Any]:
@@ -474,23 +474,8 @@ class Stack:
 
     # -- clients and teardown
     def client(self, service: str) -> Any:
-        """A boto3 client for this stack's server (one per service, kept)."""
-        if service not in self._clients:
-            self._clients[service] = self._new_client(service)
-        return self._clients[service]
-
-    def _new_client(self, service: str) -> Any:
-        import boto3
-
-        env = aws_environment(self.endpoint_url, self.region)
-        return boto3.client(
-            service,
-            endpoint_url=self.endpoint_url,
-            region_name=self.region,
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-            aws_session_token=env["AWS_SESSION_TOKEN"],
-        )
+        """A boto3 client for this stack's server and region."""
+        return _client(self.endpoint_url, self.region, service)
 
     def delete(self) -> None:
         """Delete what was created (best effort: a resource already gone is not an error)."""
@@ -522,6 +507,23 @@ class Stack:
     def _condition_holds(self, spec: Mapping[str, Any]) -> bool:
         condition = spec.get("Condition")
         return condition is None or self.resolver.conditions[condition]
+
+
+@functools.lru_cache(maxsize=64)
+def _client(endpoint_url: str, region: str, service: str) -> Any:
+    """One client per server, region and service: building one costs tens of milliseconds, and
+    boto3 clients are safe to share between threads."""
+    import boto3
+
+    env = aws_environment(endpoint_url, region)
+    return boto3.client(
+        service,
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        aws_session_token=env["AWS_SESSION_TOKEN"],
+    )
 
 
 def _only(found: Mapping[str, str], what: str) -> str:
