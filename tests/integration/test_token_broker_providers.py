@@ -399,3 +399,20 @@ def test_sixteen_environments_get_one_token_per_lifetime(token_server, integrati
     sources = [source for answer in answers for source, _, _ in answer]
     assert sources.count("provider") == 2
     assert len(sources) == processes * 10
+
+
+def test_token_route_restricted_to_named_principals_refuses_others(token_server, integrations, monkeypatch):
+    microsoft_integration(token_server, integrations)
+    monkeypatch.setenv("TOKEN_API_PRINCIPALS", "arn:aws:iam::123456789012:role/mailer")
+    runtime.reset()
+
+    refused = invoke(http_event("http_post_token.json"))  # the sample caller is app-role
+    event = http_event("http_post_token.json")
+    event["requestContext"]["authorizer"]["iam"]["userArn"] = (
+        "arn:aws:sts::123456789012:assumed-role/mailer/run-1"
+    )
+    allowed = invoke(event)
+
+    assert refused["statusCode"] == 403
+    assert json.loads(refused["body"])["error"]["code"] == "caller_not_allowed"
+    assert allowed["statusCode"] == 200

@@ -154,6 +154,12 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "attached. Re-drive it from the dead-letter queue once the cause is fixed.",
     ),
     ErrorKind(
+        "caller_not_allowed",
+        False,
+        "This IAM principal may not fetch tokens over HTTP: add its role ARN to the stack's "
+        "TokenApiPrincipals parameter, or call through a principal that is listed.",
+    ),
+    ErrorKind(
         "aws_unavailable",
         True,
         "An AWS dependency (DynamoDB, Secrets Manager, SQS, KMS) was throttled or unavailable. "

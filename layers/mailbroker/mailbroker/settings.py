@@ -25,6 +25,9 @@ class Settings(BaseModel):
     alert_topic_arn: str = Field(default="", alias="ALERT_TOPIC_ARN")
     # The stack's KMS key for envelope encryption of cached tokens (an id, ARN or alias).
     token_key_id: str = Field(default="", alias="TOKEN_KEY_ID")
+    # IAM principals (role or user ARNs, comma-separated) allowed to call the token route over
+    # HTTP; empty: any IAM-authenticated caller the API's IAM authorisation lets through.
+    token_api_principals: str = Field(default="", alias="TOKEN_API_PRINCIPALS")
     # Seconds an integration's secret stays cached in memory.
     secret_max_age: int = Field(default=60, alias="SECRET_MAX_AGE_SECONDS", ge=0)
     # Refresh ahead when less than max(min margin, fraction x lifetime) remains.
@@ -42,6 +45,10 @@ class Settings(BaseModel):
     # Keeper: exercise every refresh token at least this often.
     keep_alive_days: float = Field(default=7.0, alias="KEEP_ALIVE_DAYS", gt=0)
     secret_expiry_warning_days: float = Field(default=30.0, alias="SECRET_EXPIRY_WARNING_DAYS", gt=0)
+
+    @property
+    def token_principals(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.token_api_principals.split(",") if p.strip())
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

@@ -16,6 +16,7 @@ STATUS_BY_CODE = {
     "unknown_integration": 404,
     "not_found": 404,
     "sender_not_allowed": 403,
+    "caller_not_allowed": 403,
     "address_not_allowed": 400,
     "token_invalid_grant": 502,
     "token_invalid_client": 502,
