@@ -14,6 +14,7 @@ Clients reach the server through boto3's standard ``AWS_ENDPOINT_URL`` and dummy
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import graphlib
@@ -85,6 +86,7 @@ class MotoServer:
             url = f"http://{self.host}:{port}"
             if _wait_until_answering(process, url, self.start_timeout):
                 self._process, self.port, self.endpoint_url = process, port, url
+                atexit.register(self.stop)  # even when the owner never reaches stop()
                 return self
             _terminate(process)
         raise RuntimeError(f"moto server did not start on {self.host}: {self._read_log()}")
@@ -93,6 +95,7 @@ class MotoServer:
         if self._process is not None:
             _terminate(self._process)
             self._process = None
+            atexit.unregister(self.stop)
         if self._log is not None:
             self._log.close()
             self._log = None
