@@ -1,0 +1,829 @@
+"""The whole stack on one machine: moto server, the sandbox token endpoints and SMTP server, the
+template's resources, and the three functions driven the way AWS drives them.
+
+``Sandbox`` starts the servers on free loopback ports, provisions ``template.yaml`` on moto and
+sets the functions' environment from the template (boto3's ``AWS_ENDPOINT_URL`` points every
+client at moto; ``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE`` trust the sandbox CA). ``invoke`` calls
+a function's ``lambda_handler`` with a Lambda-shaped context; ``http`` turns a request into the
+API Gateway HTTP API (payload v2) event the token broker receives; ``QueuePoller`` is the SQS
+event source mapping of the sender. ``make run`` (``sandbox/run.py``) uses them once;
+``mailbroker local`` (``serve``) keeps them up, with the HTTP API on a loopback port.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+FUNCTIONS = {
+    "token_broker": "TokenBrokerFunction",
+    "sender": "SenderFunction",
+    "keeper": "KeeperFunction",
+}
+
+
+def repo_root() -> Path:
+    """The directory holding template.yaml and functions/: the working directory when it has them
+    (``make run``), else the checkout this package was installed from."""
+    here = Path.cwd()
+    if (here / "template.yaml").is_file() and (here / "functions").is_dir():
+        return here
+    return Path(__file__).resolve().parents[4]
+
+
+@dataclass
+class LambdaContext:
+    """What Lambda passes as ``context``, for one invocation."""
+
+    function_name: str
+    memory_limit_in_mb: int
+    timeout_seconds: int
+    invoked_function_arn: str
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    function_version: str = "$LATEST"
+    log_group_name: str = ""
+    log_stream_name: str = ""
+    _deadline: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._deadline = time.monotonic() + self.timeout_seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(int((self._deadline - time.monotonic()) * 1000), 0)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One demo integration: what it is and how the sandbox stands in for its provider."""
+
+    id: str
+    provider: str
+    mailbox: str
+    auth: str
+    note: str = ""
+
+
+class Sandbox:
+    """Servers, stack and function environments. Use as a context manager."""
+
+    def __init__(
+        self,
+        *,
+        template: str | Path | None = None,
+        token_lifetime: float = 3600.0,
+        parameters: Mapping[str, Any] | None = None,
+        stack_name: str = "mailbroker",
+        log: TextIO | None = None,
+    ) -> None:
+        self.root = repo_root()
+        self.template_path = Path(template) if template else self.root / "template.yaml"
+        self.token_lifetime = token_lifetime
+        self.parameters = dict(parameters or {})
+        self.stack_name = stack_name
+        self.log = log
+        self.workdir = Path(tempfile.mkdtemp(prefix="mailbroker-sandbox-"))
+        self.ca: Any = None
+        self.moto: Any = None
+        self.tokens: Any = None
+        self.smtp: Any = None
+        self.stack: Any = None
+        self.env: dict[str, str] = {}
+        self._saved_env: dict[str, str | None] = {}
+        self._handlers: dict[str, Any] = {}
+        self._invoke_lock = threading.Lock()
+        self._alert_queue_url = ""
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> Sandbox:
+        from mailbroker.sandbox.aws import MotoServer, load_template, provision
+        from mailbroker.sandbox.ca import create_ca
+        from mailbroker.sandbox.smtp_server import HttpIntrospector, SandboxSmtpServer
+        from mailbroker.sandbox.token_server import TokenServer
+
+        try:
+            self.ca = create_ca(self.workdir / "ca")
+            self.moto = MotoServer().start()
+            self.tokens = TokenServer(self.ca, lifetime=self.token_lifetime).start()
+            self.smtp = SandboxSmtpServer(
+                self.ca,
+                verify_token=HttpIntrospector(self.tokens.introspection_url, str(self.ca.ca_cert)),
+                hostname="smtp.sandbox.example",
+            ).start()
+            self.stack = provision(
+                load_template(self.template_path),
+                endpoint_url=self.moto.endpoint_url,
+                parameters=self.parameters,
+                stack_name=self.stack_name,
+            )
+            self.activate()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in (self.smtp, self.tokens, self.moto):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.stop()
+        self.smtp = self.tokens = self.moto = None
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env.clear()
+        from mailbroker import runtime
+
+        runtime.reset()
+
+    # --- the functions' environment -----------------------------------------------------------------
+
+    def function_env(self, function: str) -> dict[str, str]:
+        """One function's environment as the template sets it, plus the sandbox's AWS endpoint and
+        CA trust (what a deployed function gets from Lambda and the system trust store)."""
+        return {**self.moto.env(), **self.ca.trust_env(), **self.stack.function_env(FUNCTIONS[function])}
+
+    def activate(self) -> dict[str, str]:
+        """Set this process's environment to the union of the three functions' environments (they
+        agree on every shared name, which is checked) and forget clients built before."""
+        union: dict[str, str] = {}
+        for function in FUNCTIONS:
+            for name, value in self.function_env(function).items():
+                if union.setdefault(name, value) != value:
+                    raise RuntimeError(f"template gives {name} different values in different functions")
+        for name, value in union.items():
+            self._saved_env.setdefault(name, os.environ.get(name))
+            os.environ[name] = value
+        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+            if name in os.environ:
+                self._saved_env.setdefault(name, os.environ[name])
+                del os.environ[name]
+        from mailbroker import runtime
+
+        runtime.reset()
+        self.env = union
+        return union
+
+    def client(self, service: str) -> Any:
+        return self.stack.client(service)
+
+    @property
+    def integrations(self) -> Any:
+        from mailbroker.integrations import IntegrationStore
+
+        return IntegrationStore(self.client("secretsmanager"), self.env["SECRET_PREFIX"], max_age=0)
+
+    # --- invoking functions -----------------------------------------------------------------------
+
+    def handler(self, function: str) -> Any:
+        """The function's ``lambda_handler``, loaded from functions/<name>/app.py."""
+        if function not in self._handlers:
+            path = self.root / "functions" / function / "app.py"
+            spec = importlib.util.spec_from_file_location(f"mailbroker_sandbox_{function}_app", path)
+            if spec is None or spec.loader is None:
+                raise FileNotFoundError(path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            self._handlers[function] = module.lambda_handler
+        return self._handlers[function]
+
+    def context(self, function: str) -> LambdaContext:
+        settings = self.stack.function_settings(FUNCTIONS[function])
+        name = self.stack.resources[FUNCTIONS[function]]
+        return LambdaContext(
+            function_name=name,
+            memory_limit_in_mb=int(settings["memory_size"]),
+            timeout_seconds=int(settings["timeout"]),
+            invoked_function_arn=self.stack.attribute(FUNCTIONS[function], "Arn"),
+            log_group_name=f"/aws/lambda/{name}",
+        )
+
+    def invoke(self, function: str, event: Any) -> Any:
+        """One invocation, as Lambda would run it (one at a time per environment). Function logs
+        and metrics (JSON on stdout in Lambda) go to ``log`` when one was given."""
+        handler = self.handler(function)
+        with self._invoke_lock, self._capture_output():
+            return handler(event, self.context(function))
+
+    @contextlib.contextmanager
+    def _capture_output(self) -> Iterator[None]:
+        if self.log is None:
+            yield
+            return
+        from mailbroker.observability import logger
+
+        handler = logger.registered_handler
+        stream_handler = handler if isinstance(handler, logging.StreamHandler) else None
+        previous = stream_handler.setStream(self.log) if stream_handler else None
+        try:
+            with contextlib.redirect_stdout(self.log):
+                yield
+        finally:
+            if stream_handler is not None and previous is not None:
+                stream_handler.setStream(previous)
+
+    def http(
+        self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, str], Any]:
+        """A request to the HTTP API, as API Gateway hands it to the token broker (payload v2).
+        Answers (status, headers, body parsed as JSON when it is JSON)."""
+        event = api_gateway_event(method, path, body, headers, self.stack.http_routes, self.stack.region)
+        answer = self.invoke("token_broker", event)
+        raw = answer.get("body") or ""
+        if answer.get("isBase64Encoded"):
+            raw = base64.b64decode(raw).decode("utf-8", "replace")
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw
+        return int(answer.get("statusCode", 200)), dict(answer.get("headers") or {}), parsed
+
+    # --- operators' view ----------------------------------------------------------------------------
+
+    def subscribe_alerts(self) -> str:
+        """An SQS queue subscribed to the alert topic (standing in for an operator's e-mail)."""
+        if not self._alert_queue_url:
+            sqs = self.client("sqs")
+            url = sqs.create_queue(QueueName=f"{self.stack.name}-operator-inbox")["QueueUrl"]
+            arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+                "QueueArn"
+            ]
+            self.client("sns").subscribe(TopicArn=self.env["ALERT_TOPIC_ARN"], Protocol="sqs", Endpoint=arn)
+            self._alert_queue_url = url
+        return self._alert_queue_url
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Alerts delivered to the operator queue so far (consumed)."""
+        sqs = self.client("sqs")
+        found = []
+        while True:
+            batch = sqs.receive_message(
+                QueueUrl=self.subscribe_alerts(), MaxNumberOfMessages=10, WaitTimeSeconds=0
+            ).get("Messages", [])
+            if not batch:
+                return found
+            for message in batch:
+                envelope = json.loads(message["Body"])
+                attributes = {k: v.get("Value") for k, v in (envelope.get("MessageAttributes") or {}).items()}
+                found.append(
+                    {"subject": envelope.get("Subject"), "message": envelope.get("Message"), **attributes}
+                )
+                sqs.delete_message(QueueUrl=self._alert_queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    # --- demo integrations --------------------------------------------------------------------------
+
+    def register_demo(self) -> list[Demo]:
+        """One integration per provider type, each backed by the sandbox's stand-in for its
+        provider, plus a Gmail integration whose user has revoked access."""
+        from mailbroker.integrations import parse_integration
+
+        tokens, smtp = self.tokens, self.smtp
+        smtp_endpoint = {
+            "host": "127.0.0.1",
+            "port": smtp.port,
+            "security": "starttls",
+            "timeout_seconds": 10,
+        }
+        store = self.integrations
+        demos: list[Demo] = []
+
+        def add(document: dict[str, Any], demo: Demo) -> None:
+            store.put(parse_integration({"smtp": smtp_endpoint, **document}))
+            demos.append(demo)
+
+        # Microsoft 365: an Entra app with SMTP.SendAsApp, whose secret expires in 20 days.
+        tenant, app = str(uuid.uuid4()), str(uuid.uuid4())
+        secret = _secret()
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=20)
+        tokens.register_microsoft_app(tenant, app, secret)
+        smtp.add_mailbox("support@contoso.example", allowed_clients=[app])
+        add(
+            {
+                "id": "m365",
+                "provider": "microsoft",
+                "username": "support@contoso.example",
+                "senders": [
+                    {"email": "support@contoso.example", "name": "Contoso Support"},
+                    {"email": "billing@contoso.example", "name": "Contoso Billing"},
+                ],
+                "tenant_id": tenant,
+                "client_id": app,
+                "client_secret": secret,
+                "authority": tokens.microsoft_authority(),
+                "client_secret_expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "smtp_check": True,
+            },
+            Demo(
+                "m365",
+                "microsoft",
+                "support@contoso.example",
+                "MSAL client credentials",
+                "no SendAs on billing@; secret expires in 20 days",
+            ),
+        )
+        # Gmail: an OAuth client and a user's refresh token.
+        client_id = f"{secrets.randbelow(10**12)}-sandbox.apps.googleusercontent.com"
+        client_secret = "GOCSPX-" + _secret()
+        tokens.register_google_client(client_id, client_secret)
+        refresh = tokens.issue_refresh_token(client_id, "ana@gmail.example")
+        smtp.add_mailbox("ana@gmail.example")
+        add(
+            {
+                "id": "gmail",
+                "provider": "google",
+                "username": "ana@gmail.example",
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "refresh_token": refresh,
+                "token_uri": tokens.google_token_uri,
+            },
+            Demo("gmail", "google", "ana@gmail.example", "refresh token (google-auth)"),
+        )
+        # Workspace: a service account with domain-wide delegation for one mailbox.
+        key = tokens.register_service_account(allowed_subjects=["billing@fabrikam.example"])
+        smtp.add_mailbox("billing@fabrikam.example")
+        add(
+            {
+                "id": "workspace",
+                "provider": "google_service_account",
+                "username": "billing@fabrikam.example",
+                "service_account_info": key,
+                "subject": "billing@fabrikam.example",
+                "token_uri": tokens.google_token_uri,
+            },
+            Demo(
+                "workspace", "google_service_account", "billing@fabrikam.example", "JWT bearer (google-auth)"
+            ),
+        )
+        # Any OAuth2 server: client credentials.
+        relay_client, relay_secret = "relay-app", _secret()
+        tokens.register_oauth2_client(relay_client, relay_secret, scope="smtp.send")
+        smtp.add_mailbox("app@relay.example", allowed_clients=[relay_client])
+        add(
+            {
+                "id": "relay-oauth2",
+                "provider": "oauth2",
+                "username": "app@relay.example",
+                "token_url": tokens.oauth2_token_url,
+                "client_id": relay_client,
+                "client_secret": relay_secret,
+                "scope": "smtp.send",
+            },
+            Demo("relay-oauth2", "oauth2", "app@relay.example", "client credentials (RFC 6749)"),
+        )
+        # Any SMTP server with a password.
+        password = _secret()
+        smtp.add_mailbox("alerts@relay.example", password=password)
+        add(
+            {
+                "id": "relay-basic",
+                "provider": "basic",
+                "username": "alerts@relay.example",
+                "password": password,
+                "smtp_check": True,
+            },
+            Demo("relay-basic", "basic", "alerts@relay.example", "AUTH PLAIN"),
+        )
+        # A Gmail user who removed the app's access: its refresh token is dead.
+        revoked = tokens.issue_refresh_token(client_id, "bo@gmail.example")
+        tokens.revoke_refresh_token(revoked)
+        smtp.add_mailbox("bo@gmail.example")
+        add(
+            {
+                "id": "gmail-revoked",
+                "provider": "google",
+                "username": "bo@gmail.example",
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "refresh_token": revoked,
+                "token_uri": tokens.google_token_uri,
+            },
+            Demo("gmail-revoked", "google", "bo@gmail.example", "refresh token", "user revoked access"),
+        )
+        return demos
+
+
+def _secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+# --- API Gateway HTTP API events -------------------------------------------------------------------
+
+
+def api_gateway_event(
+    method: str,
+    path: str,
+    body: Any,
+    headers: Mapping[str, str] | None,
+    routes: list[dict[str, str]],
+    region: str = "us-east-1",
+) -> dict[str, Any]:
+    """The payload v2 event API Gateway would send for ``method path`` (``path`` may carry a
+    query string). ``routes``: the template's routes, to fill ``routeKey`` and ``pathParameters``."""
+    parts = urlsplit(path)
+    raw_path = parts.path or "/"
+    route_key, parameters = "$default", None
+    for route in routes:
+        match = _route_pattern(route["path"]).fullmatch(raw_path)
+        if match and route["method"] in (method.upper(), "ANY"):
+            route_key, parameters = f"{route['method']} {route['path']}", match.groupdict()
+            break
+    text = body if isinstance(body, str | bytes) or body is None else json.dumps(body)
+    now = dt.datetime.now(dt.UTC)
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": route_key,
+        "rawPath": raw_path,
+        "rawQueryString": parts.query,
+        "headers": {
+            "host": "127.0.0.1",
+            "user-agent": "mailbroker-sandbox",
+            **{k.lower(): v for k, v in (headers or {}).items()},
+        },
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "sandbox",
+            "authorizer": {
+                "iam": {
+                    "accountId": "123456789012",
+                    "callerId": "sandbox",
+                    "userArn": "arn:aws:iam::123456789012:user/sandbox",
+                    "userId": "sandbox",
+                }
+            },
+            "domainName": "127.0.0.1",
+            "domainPrefix": "sandbox",
+            "http": {
+                "method": method.upper(),
+                "path": raw_path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "127.0.0.1",
+                "userAgent": "mailbroker-sandbox",
+            },
+            "requestId": str(uuid.uuid4()),
+            "routeKey": route_key,
+            "stage": "$default",
+            "time": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+            "timeEpoch": int(now.timestamp() * 1000),
+        },
+        "isBase64Encoded": False,
+    }
+    if parts.query:
+        from urllib.parse import parse_qsl
+
+        event["queryStringParameters"] = dict(parse_qsl(parts.query))
+    if parameters:
+        event["pathParameters"] = parameters
+    if text is not None:
+        if isinstance(text, bytes):
+            event["body"] = base64.b64encode(text).decode("ascii")
+            event["isBase64Encoded"] = True
+        else:
+            event["body"] = text
+        event["headers"].setdefault("content-type", "application/json")
+    return event
+
+
+def _route_pattern(template_path: str) -> re.Pattern[str]:
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template_path))
+    return re.compile(pattern)
+
+
+# --- the SQS event source mapping ------------------------------------------------------------------------
+
+
+@dataclass
+class BatchOutcome:
+    received: int = 0
+    deleted: int = 0
+    failed: list[str] = field(default_factory=list)  # SQS message ids reported in batchItemFailures
+    error: str | None = None  # the handler raised: the whole batch returns after its visibility
+
+
+class QueuePoller:
+    """The sender's SQS event source mapping: receive a batch, invoke the function with the SQS
+    event, delete what succeeded, leave what failed (``ReportBatchItemFailures``) to its
+    visibility timeout — which the sender may have changed to schedule a retry. The queue's own
+    redrive policy (``maxReceiveCount``) moves a message that keeps failing to the dead-letter queue."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        settings = sandbox.stack.function_settings(FUNCTIONS["sender"])
+        self.queue_url: str = settings["queue_url"]
+        self.queue_arn: str = settings["queue_arn"]
+        self.batch_size: int = settings["batch_size"]
+        self.window: int = settings["maximum_batching_window"]
+        self.partial = "ReportBatchItemFailures" in settings["function_response_types"]
+        self.sqs = sandbox.client("sqs")
+        # receipt handles of messages that failed, so a demo can fast-forward their retry
+        self.waiting: dict[str, str] = {}
+        # SQS message id -> the message's own id (its idempotency key), as far as the body says
+        self.message_ids: dict[str, str] = {}
+
+    def poll_once(self, wait_seconds: int | None = None) -> BatchOutcome:
+        answer = self.sqs.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=self.batch_size,
+            WaitTimeSeconds=min(self.window, 20) if wait_seconds is None else wait_seconds,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        )
+        messages = answer.get("Messages", [])
+        outcome = BatchOutcome(received=len(messages))
+        if not messages:
+            return outcome
+        for message in messages:
+            self.waiting.pop(message["MessageId"], None)
+            self.message_ids[message["MessageId"]] = _declared_id(message["Body"]) or message["MessageId"]
+        event = {"Records": [self._record(m) for m in messages]}
+        try:
+            response = self.sandbox.invoke("sender", event) or {}
+        except Exception as exc:
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            for message in messages:
+                self.waiting[message["MessageId"]] = message["ReceiptHandle"]
+            return outcome
+        failed = (
+            {f["itemIdentifier"] for f in response.get("batchItemFailures", [])} if self.partial else set()
+        )
+        done = [m for m in messages if m["MessageId"] not in failed]
+        for start in range(0, len(done), 10):
+            chunk = done[start : start + 10]
+            self.sqs.delete_message_batch(
+                QueueUrl=self.queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(chunk)],
+            )
+        outcome.deleted = len(done)
+        outcome.failed = sorted(failed)
+        for message in messages:
+            if message["MessageId"] in failed:
+                self.waiting[message["MessageId"]] = message["ReceiptHandle"]
+        return outcome
+
+    def fast_forward(self) -> int:
+        """Make every message waiting for a retry visible now (the sandbox's stand-in for the
+        passing of the back-off delay). Returns how many."""
+        moved = 0
+        for message_id, handle in list(self.waiting.items()):
+            with contextlib.suppress(Exception):
+                self.sqs.change_message_visibility(
+                    QueueUrl=self.queue_url, ReceiptHandle=handle, VisibilityTimeout=0
+                )
+                moved += 1
+            del self.waiting[message_id]
+        return moved
+
+    def in_flight(self) -> int:
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]) + int(
+            attributes["ApproximateNumberOfMessagesNotVisible"]
+        )
+
+    def _record(self, message: dict[str, Any]) -> dict[str, Any]:
+        attributes = {}
+        for name, value in (message.get("MessageAttributes") or {}).items():
+            attributes[name] = {
+                "stringValue": value.get("StringValue"),
+                "binaryValue": base64.b64encode(value["BinaryValue"]).decode()
+                if value.get("BinaryValue")
+                else None,
+                "stringListValues": [],
+                "binaryListValues": [],
+                "dataType": value.get("DataType", "String"),
+            }
+        return {
+            "messageId": message["MessageId"],
+            "receiptHandle": message["ReceiptHandle"],
+            "body": message["Body"],
+            "attributes": dict(message.get("Attributes") or {}),
+            "messageAttributes": attributes,
+            "md5OfBody": message.get("MD5OfBody") or hashlib.md5(message["Body"].encode()).hexdigest(),  # noqa: S324
+            "eventSource": "aws:sqs",
+            "eventSourceARN": self.queue_arn,
+            "awsRegion": self.sandbox.stack.region,
+        }
+
+
+def _declared_id(body: str) -> str | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+# --- mailbroker local ---------------------------------------------------------------------------------
+
+
+def serve(*, template: str = "template.yaml", port: int = 0, demo: bool = True, out: Any = None) -> int:
+    """Keep the sandbox up until interrupted: the HTTP API on 127.0.0.1, the sender polling the
+    queue, and the keeper on the template's schedule."""
+    from mailbroker.cli.output import Output
+
+    out = out or Output()
+    log_path = Path(tempfile.gettempdir()) / "mailbroker-local.log"
+    with open(log_path, "a", encoding="utf-8") as log, Sandbox(template=template, log=log) as sandbox:
+        demos = sandbox.register_demo() if demo else []
+        sandbox.subscribe_alerts()
+        api = _ApiServer(sandbox, port)
+        stop = threading.Event()
+        poller = QueuePoller(sandbox)
+        workers = [
+            threading.Thread(target=_poll_forever, args=(poller, stop), daemon=True, name="sender-esm"),
+            threading.Thread(
+                target=_keeper_forever, args=(sandbox, stop), daemon=True, name="keeper-schedule"
+            ),
+        ]
+        for worker in workers:
+            worker.start()
+        _print_local(out, sandbox, api.url, demos, log_path)
+        try:
+            api.serve_forever()
+        except KeyboardInterrupt:
+            out.note("\nstopping the sandbox …")
+        finally:
+            stop.set()
+            api.shutdown()
+            for worker in workers:
+                worker.join(timeout=25)
+    return 0
+
+
+def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_path: Path) -> None:
+    env = sandbox.env
+    if out.as_json:
+        out.json(
+            {
+                "http_api": url,
+                "environment": {k: v for k, v in env.items() if not k.startswith("POWERTOOLS")},
+                "integrations": [d.id for d in demos],
+                "smtp": f"127.0.0.1:{sandbox.smtp.port}",
+                "token_endpoints": sandbox.tokens.base_url,
+                "log": str(log_path),
+            }
+        )
+        return
+    out.line(out.paint("mailbroker sandbox is up", "bold") + " (Ctrl-C stops it)")
+    out.line()
+    out.line(f"  HTTP API        {url}   (IAM auth is not checked locally)")
+    out.line(f"  AWS (moto)      {sandbox.moto.endpoint_url}")
+    out.line(f"  token endpoints {sandbox.tokens.base_url}")
+    out.line(f"  SMTP            127.0.0.1:{sandbox.smtp.port} (STARTTLS, sandbox CA)")
+    out.line(f"  function logs   {log_path}")
+    if demos:
+        out.line(f"  integrations    {', '.join(d.id for d in demos)}")
+    out.line()
+    out.line("In another shell, point the CLI and the AWS CLI at it:")
+    keys = (
+        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+        "SECRET_PREFIX", "TOKEN_TABLE", "MESSAGE_TABLE", "SEND_QUEUE_URL", "DEAD_LETTER_QUEUE_URL",
+        "ALERT_TOPIC_ARN", "TOKEN_KEY_ID", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+    )  # fmt: skip
+    for key in keys:
+        if key in env:
+            out.line(f"  export {key}='{env[key]}'")
+    out.line()
+    out.line("Then, for example:")
+    out.line(f"  curl -s -X POST {url}/v1/integrations/m365/token")
+    out.line(f"  curl -s {url}/v1/integrations/gmail/health")
+    body = json.dumps(
+        {
+            "integration": "gmail",
+            "from": "ana@gmail.example",
+            "to": ["you@example.com"],
+            "subject": "Hello from the sandbox",
+            "text": "It works.",
+        }
+    )
+    out.line(f"  aws sqs send-message --queue-url \"$SEND_QUEUE_URL\" --message-body '{body}'")
+    out.line(f"  curl -s -X POST {url}/v1/messages -d '{body}'")
+    out.line("  mailbroker integration list;  mailbroker doctor m365;  mailbroker dlq list")
+
+
+def _poll_forever(poller: QueuePoller, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            outcome = poller.poll_once(wait_seconds=1)
+        except Exception:
+            stop.wait(1)
+            continue
+        if not outcome.received:
+            stop.wait(0.2)
+
+
+def _keeper_forever(sandbox: Sandbox, stop: threading.Event) -> None:
+    interval = _schedule_seconds(
+        sandbox.stack.function_settings(FUNCTIONS["keeper"]).get("schedule_expression")
+    )
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            sandbox.invoke("keeper", _schedule_event(sandbox))
+        stop.wait(interval)
+
+
+def _schedule_seconds(expression: str | None) -> float:
+    match = re.fullmatch(r"rate\((\d+)\s+(minute|minutes|hour|hours|day|days)\)", expression or "")
+    if not match:
+        return 3600.0
+    unit = {"minute": 60, "hour": 3600, "day": 86400}[match.group(2).rstrip("s")]
+    return float(int(match.group(1)) * unit)
+
+
+def _schedule_event(sandbox: Sandbox) -> dict[str, Any]:
+    """The event EventBridge Scheduler sends (events/schedule.json's shape)."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.scheduler",
+        "account": sandbox.stack.account_id,
+        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": sandbox.stack.region,
+        "resources": [
+            f"arn:aws:scheduler:{sandbox.stack.region}:{sandbox.stack.account_id}:schedule/default/keeper"
+        ],
+        "detail": {},
+    }
+
+
+class _ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, sandbox: Sandbox, port: int) -> None:
+        self.sandbox = sandbox
+        super().__init__(("127.0.0.1", port), _ApiHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ApiHandler(BaseHTTPRequestHandler):
+    server: _ApiServer
+    server_version = "mailbroker-sandbox-api/1"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        self._forward("GET")
+
+    def do_POST(self) -> None:
+        self._forward("POST")
+
+    def do_PUT(self) -> None:
+        self._forward("PUT")
+
+    def do_DELETE(self) -> None:
+        self._forward("DELETE")
+
+    def _forward(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace") if length else None
+        headers = dict(self.headers.items())
+        event = api_gateway_event(method, self.path, body, headers, self.server.sandbox.stack.http_routes)
+        try:
+            answer = self.server.sandbox.invoke("token_broker", event)
+        except Exception as exc:
+            answer = {
+                "statusCode": 502,
+                "body": json.dumps({"message": f"function error: {type(exc).__name__}"}),
+            }
+        payload = answer.get("body") or ""
+        data = base64.b64decode(payload) if answer.get("isBase64Encoded") else payload.encode("utf-8")
+        self.send_response(int(answer.get("statusCode", 200)))
+        for name, value in (answer.get("headers") or {}).items():
+            self.send_header(name, str(value))
+        if not any(k.lower() == "content-type" for k in (answer.get("headers") or {})):
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # requests are not logged: a token answer must not reach a terminal log

@@ -1,0 +1,472 @@
+"""``make run`` (``python -m mailbroker.sandbox.run``): the whole path on one machine, then stop.
+
+Starts moto server, the sandbox token endpoints and SMTP server on free loopback ports, creates
+the stack's tables, queues, topic and key from template.yaml and gives each function the
+environment the template sets. Registers one integration per provider type, asks the token
+broker for a token for each (direct invoke), queues demo messages (one bound to fail for good,
+one throttled once), drives the sender as the SQS event source mapping would, runs the keeper
+once, and prints what happened. Then it stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailbroker.cli.output import Output, ago
+from mailbroker.sandbox.local import FUNCTIONS, Demo, QueuePoller, Sandbox, _schedule_event
+
+THROTTLED_RECIPIENT = "busy@example.net"
+THROTTLE_REPLY = (
+    "4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional "
+    "messages from being delivered."
+)
+
+
+@dataclass(frozen=True)
+class DemoMessage:
+    message: dict[str, Any]
+    via: str  # "http" (POST /v1/messages) or "sqs" (straight onto the queue)
+    expect: str
+
+
+def demo_messages() -> list[DemoMessage]:
+    def message(mid: str, integration: str, sender: Any, to: str, subject: str) -> dict[str, Any]:
+        return {
+            "integration": integration,
+            "id": mid,
+            "usage": "transactional",
+            "from": sender,
+            "to": [to],
+            "subject": subject,
+            "text": f"{subject}.\n\n-- sent through the mailbroker sandbox",
+            "html": f"<p>{subject}.</p>",
+        }
+
+    return [
+        DemoMessage(
+            message(
+                "order-8812",
+                "m365",
+                {"email": "support@contoso.example", "name": "Contoso Support"},
+                "customer@example.com",
+                "Your order 8812 has shipped",
+            ),
+            "http",
+            "delivered",
+        ),
+        DemoMessage(
+            message(
+                "invoice-2211",
+                "m365",
+                {"email": "billing@contoso.example", "name": "Contoso Billing"},
+                "customer@example.com",
+                "Invoice 2211",
+            ),
+            "http",
+            "fails for good: the mailbox has no SendAs right on billing@",
+        ),
+        DemoMessage(
+            message("welcome-ana", "gmail", "ana@gmail.example", "friend@example.org", "Welcome aboard"),
+            "http",
+            "delivered",
+        ),
+        DemoMessage(
+            message(
+                "receipt-77", "workspace", "billing@fabrikam.example", "client@example.org", "Receipt 77"
+            ),
+            "http",
+            "delivered",
+        ),
+        DemoMessage(
+            message("report-q3", "relay-oauth2", "app@relay.example", "team@example.org", "Q3 report ready"),
+            "sqs",
+            "delivered (posted straight to SQS)",
+        ),
+        DemoMessage(
+            message(
+                "alert-disk", "relay-basic", "alerts@relay.example", THROTTLED_RECIPIENT, "Disk 91% full"
+            ),
+            "http",
+            "throttled once (450 4.2.1), then delivered",
+        ),
+    ]
+
+
+def redact(token: str) -> str:
+    """Enough to tell tokens apart, never enough to use one."""
+    from mailbroker.tokens.model import fingerprint
+
+    return f"{token[:8]}…[{len(token)} chars, sha256 {fingerprint(token)[:8]}]"
+
+
+class Run:
+    def __init__(self, out: Output, log_path: Path) -> None:
+        self.out = out
+        self.log_path = log_path
+        self.started = time.monotonic()
+
+    # --- printing ----------------------------------------------------------------------------------
+
+    def section(self, title: str) -> None:
+        self.out.line()
+        self.out.line(self.out.paint(f"▸ {title}", "bold"))
+
+    def say(self, text: str = "") -> None:
+        self.out.line(f"  {text}" if text else "")
+
+    def table(self, headers: list[str], rows: list[list[Any]]) -> None:
+        from mailbroker.cli.output import render_table
+
+        for line in render_table(headers, rows, header_style=lambda h: self.out.paint(h, "dim")):
+            self.out.line(f"  {line}")
+
+    # --- the run -----------------------------------------------------------------------------------
+
+    def main(self, sandbox: Sandbox) -> int:
+        out = self.out
+        out.line(
+            out.paint("mailbroker sandbox", "bold")
+            + " — the whole path on this machine; nothing leaves 127.0.0.1"
+        )
+        self.section("Started")
+        self.show_started(sandbox)
+        self.section(
+            "Integrations, one per provider type (Secrets Manager, prefix "
+            + sandbox.env["SECRET_PREFIX"]
+            + ")"
+        )
+        demos = sandbox.register_demo()
+        self.table(
+            ["ID", "PROVIDER", "MAILBOX", "AUTH", "NOTE"],
+            [[d.id, d.provider, d.mailbox, d.auth, d.note or ""] for d in demos],
+        )
+        sandbox.subscribe_alerts()
+        self.section('Tokens from the token broker (direct invoke {"integration": ID}), redacted')
+        self.show_tokens(sandbox, demos)
+        self.section("Messages queued")
+        ids = self.queue_messages(sandbox)
+        self.section("Sender, driven as the SQS event source mapping drives it")
+        self.drive_sender(sandbox)
+        self.section("Deliveries (status records, GET /v1/messages/{id})")
+        failures = self.show_deliveries(sandbox, ids)
+        self.section("Keeper, invoked once with the scheduled event")
+        self.run_keeper(sandbox, demos)
+        self.section("Token calls per credential (counted by the provider stand-ins)")
+        self.show_token_calls(sandbox, demos)
+        self.out.line()
+        elapsed = time.monotonic() - self.started
+        self.out.line(
+            out.paint(f"Done in {elapsed:.1f} s.", "bold")
+            + f" Function logs (JSON, as CloudWatch would get them): {self.log_path}"
+        )
+        expected_failures = {"invoice-2211"}
+        return 0 if failures == expected_failures else 1
+
+    def show_started(self, sandbox: Sandbox) -> None:
+        stack = sandbox.stack
+        ok = self.out.mark(True)
+        self.say(f"{ok} moto server (DynamoDB, SQS, SNS, Secrets Manager, KMS)  {sandbox.moto.endpoint_url}")
+        self.say(f"{ok} token endpoints (Entra ID, Google, OAuth2) over HTTPS   {sandbox.tokens.base_url}")
+        self.say(f"{ok} SMTP server (STARTTLS, XOAUTH2, AUTH PLAIN)            127.0.0.1:{sandbox.smtp.port}")
+        self.say(f"{ok} sandbox CA trusted through SSL_CERT_FILE / REQUESTS_CA_BUNDLE")
+        created = {
+            "tables": list(stack.table_names.values()),
+            "queues": [url.rsplit("/", 1)[-1] for url in stack.queue_urls.values()],
+            "topic": [arn.rsplit(":", 1)[-1] for arn in stack.topic_arns.values()],
+            "KMS key": list(stack.key_ids.values())[:1],
+        }
+        self.say(f"{self.out.mark(True)} created from template.yaml:")
+        for kind, names in created.items():
+            self.say(f"    {kind:<8} {', '.join(names)}")
+        envs = {logical_id: stack.function_env(logical_id) for logical_id in FUNCTIONS.values()}
+        shared = set.intersection(*(set(env) for env in envs.values()))
+        shown = sorted(name for name in shared if not name.startswith("POWERTOOLS"))
+        self.say(f"{self.out.mark(True)} each function's settings and environment, read from template.yaml")
+        self.say(f"    every function: {' '.join(shown)} (+ POWERTOOLS_*)")
+        rows = []
+        for function, logical_id in FUNCTIONS.items():
+            settings = stack.function_settings(logical_id)
+            trigger = "HTTP API, direct invoke"
+            if function == "sender":
+                trigger = (
+                    f"SQS batch {settings['batch_size']}, window {settings['maximum_batching_window']} s, "
+                    + ", ".join(settings["function_response_types"])
+                )
+            elif function == "keeper":
+                trigger = f"schedule {settings.get('schedule_expression')}"
+            own = " ".join(sorted(set(envs[logical_id]) - shared))
+            rows.append([logical_id, f"{settings['timeout']} s", trigger, own])
+        self.table(["FUNCTION", "TIMEOUT", "TRIGGER", "ITS OWN ENVIRONMENT"], rows)
+
+    def show_tokens(self, sandbox: Sandbox, demos: list[Demo]) -> None:
+        rows = []
+        problems = []
+        for demo in demos:
+            if demo.provider == "basic":
+                rows.append([demo.id, "(basic: AUTH PLAIN, no token)", "-", "-", "-"])
+                continue
+            first = sandbox.invoke("token_broker", {"integration": demo.id})
+            if "error" in first:
+                error = first["error"]
+                rows.append([demo.id, self.out.paint(f"✗ {error['code']}", "red"), "-", "-", "-"])
+                problems.append((demo.id, error))
+                continue
+            again = sandbox.invoke("token_broker", {"integration": demo.id})
+            rows.append(
+                [
+                    demo.id,
+                    redact(first["access_token"]),
+                    f"{int(first['expires_at'] - time.time())} s",
+                    first["source"],
+                    again["source"],
+                ]
+            )
+        self.table(["ID", "ACCESS TOKEN", "EXPIRES IN", "1ST CALL", "2ND CALL"], rows)
+        for integration_id, error in problems:
+            self.say(f"{self.out.mark(False)} {integration_id}: {error['message']}")
+            self.say(f"   hint: {error['hint']}")
+
+    def queue_messages(self, sandbox: Sandbox) -> list[str]:
+        sandbox.smtp.fail("rcpt", 450, THROTTLE_REPLY, recipient=THROTTLED_RECIPIENT, times=1)
+        rows = []
+        ids = []
+        for demo in demo_messages():
+            message = demo.message
+            if demo.via == "http":
+                status, _, body = sandbox.http("POST", "/v1/messages", json.dumps(message))
+                via = f"POST /v1/messages → {status} {body.get('status') if isinstance(body, dict) else body}"
+            else:
+                sandbox.client("sqs").send_message(
+                    QueueUrl=sandbox.env["SEND_QUEUE_URL"], MessageBody=json.dumps(message)
+                )
+                via = "SQS SendMessage"
+            sender = message["from"]["email"] if isinstance(message["from"], dict) else message["from"]
+            rows.append(
+                [message["id"], message["integration"], f"{sender} → {message['to'][0]}", via, demo.expect]
+            )
+            ids.append(message["id"])
+        self.table(["MESSAGE", "INTEGRATION", "FROM → TO", "VIA", "EXPECTED"], rows)
+        return ids
+
+    def drive_sender(self, sandbox: Sandbox) -> None:
+        poller = QueuePoller(sandbox)
+        statuses = _status_store(sandbox)
+        self.say(
+            f"batch size {poller.batch_size}, batching window {poller.window} s, "
+            f"{'ReportBatchItemFailures' if poller.partial else 'whole-batch failures'}; "
+            "successes deleted, failures left to their visibility timeout"
+        )
+        deadline = time.monotonic() + 45
+        batch = 0
+        while time.monotonic() < deadline:
+            outcome = poller.poll_once(wait_seconds=1)
+            if outcome.received:
+                batch += 1
+                story = self._batch_story(outcome, poller, statuses)
+                self.say(f"batch {batch}: {outcome.received} received → {story}")
+                continue
+            if poller.waiting:
+                waits = [self._retry_in(statuses, poller, sqs_id) for sqs_id in poller.waiting]
+                longest = max((w for w in waits if w is not None), default=0)
+                moved = poller.fast_forward()
+                self.say(
+                    self.out.paint(f"⏩ fast-forward {longest} s", "yellow")
+                    + f": the sandbox makes {moved} message(s) due for retry now instead of waiting"
+                )
+                continue
+            if poller.in_flight() == 0:
+                self.say(f"{self.out.mark(True)} send queue empty")
+                break
+        dlq = sandbox.client("sqs").get_queue_attributes(
+            QueueUrl=sandbox.env["DEAD_LETTER_QUEUE_URL"], AttributeNames=["ApproximateNumberOfMessages"]
+        )["Attributes"]["ApproximateNumberOfMessages"]
+        self.say(f"dead-letter queue: {dlq} message(s), each with its error attached ('mailbroker dlq list')")
+
+    def _batch_story(self, outcome: Any, poller: QueuePoller, statuses: Any) -> str:
+        if outcome.error:
+            return (
+                f"the function failed ({outcome.error}); the whole batch returns after its visibility timeout"
+            )
+        parts = [f"{outcome.deleted} deleted"]
+        if outcome.failed:
+            parts.append(f"{len(outcome.failed)} reported in batchItemFailures")
+            for sqs_id in outcome.failed:
+                seconds = self._retry_in(statuses, poller, sqs_id)
+                if seconds is not None:
+                    parts.append(f"retry scheduled in {seconds} s (visibility changed)")
+        return ", ".join(parts)
+
+    def _retry_in(self, statuses: Any, poller: QueuePoller, sqs_id: str) -> int | None:
+        message_id = poller.message_ids.get(sqs_id)
+        record = statuses.get(message_id) if message_id else None
+        if record is None or record.next_attempt_at is None:
+            return None
+        return max(int(record.next_attempt_at - time.time()), 0)
+
+    def show_deliveries(self, sandbox: Sandbox, ids: list[str]) -> set[str]:
+        rows = []
+        failed: dict[str, dict[str, Any]] = {}
+        for message_id in ids:
+            status, _, record = sandbox.http("GET", f"/v1/messages/{message_id}")
+            if status != 200:
+                rows.append([message_id, "-", self.out.paint("missing", "red"), "-", "-"])
+                continue
+            word = record["status"]
+            colour = {"sent": "green", "failed": "red"}.get(word, "yellow")
+            reply = record.get("reply") or (record.get("last_error") or {}).get("reply") or "-"
+            rows.append(
+                [
+                    message_id,
+                    record.get("integration"),
+                    self.out.paint(word, colour),
+                    record.get("attempts"),
+                    reply,
+                ]
+            )
+            if word != "sent":
+                failed[message_id] = record
+        self.table(["MESSAGE", "INTEGRATION", "STATUS", "ATTEMPTS", "SERVER'S REPLY"], rows)
+        for message_id, record in failed.items():
+            error = record.get("last_error") or {}
+            said = error.get("reply") or error.get("message")
+            where = f" at {error['stage']}" if error.get("stage") else ""
+            self.say(f"{self.out.mark(False)} {message_id} failed for good: {error.get('code')}{where}")
+            self.say(f"   server said: {said}")
+            self.say(f"   hint: {error.get('hint')}")
+        accepted = len(sandbox.smtp.accepted)
+        self.say(
+            f"the SMTP server accepted {accepted} message(s) in {sandbox.smtp.connections} connection(s)"
+        )
+        return set(failed)
+
+    def run_keeper(self, sandbox: Sandbox, demos: list[Demo]) -> None:
+        summary = sandbox.invoke("keeper", _schedule_event(sandbox))
+        self.say(
+            f"summary: checked {len(summary['checked'])}, healthy {len(summary['healthy'])}, "
+            f"refreshed {len(summary['refreshed'])}, unhealthy {len(summary['unhealthy'])} "
+            f"({', '.join(summary['unhealthy']) or 'none'}), alerts {summary['alerts']}"
+        )
+        rows = []
+        notes = []
+        for demo in demos:
+            status, _, record = sandbox.http("GET", f"/v1/integrations/{demo.id}/health")
+            if status != 200:
+                rows.append([demo.id, self.out.paint("no record", "red"), "-", "-", "-", "-"])
+                continue
+            healthy = (
+                self.out.paint("healthy", "green")
+                if record["healthy"]
+                else self.out.paint("unhealthy", "red")
+            )
+            error = record.get("last_error")
+            rows.append(
+                [
+                    demo.id,
+                    healthy,
+                    _ago_iso(record.get("last_success")),
+                    _ago_iso(record.get("last_refresh")),
+                    _ago_iso(record.get("token_expires_at")),
+                    "yes" if record.get("smtp_checked") else "no",
+                    error["code"] if error else "-",
+                ]
+            )
+            for warning in record.get("warnings") or []:
+                notes.append(f"{self.out.paint('!', 'yellow')} {demo.id}: {warning}")
+        self.table(
+            ["ID", "HEALTH", "LAST SUCCESS", "LAST REFRESH", "TOKEN EXPIRES", "SMTP CHECK", "LAST ERROR"],
+            rows,
+        )
+        for note in notes:
+            self.say(note)
+        self.say(
+            "(records from GET /v1/integrations/{id}/health; refresh tokens are exercised at least every "
+            f"{sandbox.env.get('KEEP_ALIVE_DAYS', '7')} days)"
+        )
+        alerts = sandbox.alerts()
+        self.say(f"alerts on the SNS topic ({len(alerts)}, one per transition):")
+        for alert in alerts:
+            self.say(f"  {self.out.paint('✉', 'yellow')} {alert['subject']}")
+            if alert.get("command"):
+                self.say(f"    run: {alert['command']}")
+
+    def show_token_calls(self, sandbox: Sandbox, demos: list[Demo]) -> None:
+        tokens = sandbox.tokens
+        store = sandbox.integrations
+        rows = []
+        for demo in demos:
+            if demo.provider == "basic":
+                continue
+            integration = store.get(demo.id)
+            if demo.provider == "microsoft":
+                count = tokens.issued(provider="microsoft", client_id=integration.client_id)
+                credential = f"app {integration.client_id[:8]}… in tenant {integration.tenant_id[:8]}…"
+            elif demo.provider == "google":
+                count = tokens.issued(
+                    provider="google", client_id=integration.client_id, subject=integration.username
+                )
+                credential = f"refresh token of {integration.username}"
+            elif demo.provider == "google_service_account":
+                count = tokens.issued(provider="google_service_account", subject=integration.subject)
+                credential = (
+                    f"{integration.service_account_info.client_email.split('@')[0]}… as {integration.subject}"
+                )
+            else:
+                count = tokens.issued(provider="oauth2", client_id=integration.client_id)
+                credential = f"client {integration.client_id}"
+            rows.append([demo.id, credential, count])
+        self.table(["ID", "CREDENTIAL", "TOKENS ISSUED"], rows)
+        self.say(
+            f"{tokens.requests} token-endpoint request(s) in all: each credential's token is cached "
+            "(memory, then DynamoDB, sealed with KMS) and reused until it is due for refresh"
+        )
+
+
+def _status_store(sandbox: Sandbox) -> Any:
+    from mailbroker.messages.status import MessageStatusStore
+
+    return MessageStatusStore(
+        sandbox.client("dynamodb"),
+        sandbox.env["MESSAGE_TABLE"],
+        window_seconds=float(sandbox.env.get("IDEMPOTENCY_HOURS", "24")) * 3600,
+    )
+
+
+def _ago_iso(text: str | None) -> str:
+    from mailbroker.health import epoch
+
+    return ago(epoch(text)) if text else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Handlers that record no metric in an invocation make Powertools warn; in Lambda that is a log line.
+    warnings.filterwarnings("ignore", message="No application metrics to publish")
+    parser = argparse.ArgumentParser(
+        prog="python -m mailbroker.sandbox.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--template", default=None, help="template.yaml to provision (default: the repo's)")
+    args = parser.parse_args(argv)
+    out = Output()
+    import tempfile
+
+    log_path = Path(tempfile.mkdtemp(prefix="mailbroker-run-")) / "functions.log"
+    with open(log_path, "w", encoding="utf-8") as log:
+        run = Run(out, log_path)
+        try:
+            with Sandbox(template=args.template, log=log) as sandbox:
+                code = run.main(sandbox)
+        except KeyboardInterrupt:
+            out.note("interrupted; everything started was stopped")
+            return 130
+    out.line("Everything it started has stopped.")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
