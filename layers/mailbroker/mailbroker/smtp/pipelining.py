@@ -141,7 +141,7 @@ def run_transaction(smtp: smtplib.SMTP, tx: Transaction, *, pipelining: bool, ch
 
     wire = _Wire(smtp)
     if pipelining:
-        wire.write(b"".join(s.command for s in (*steps, final)), steps[0].stage)
+        wire.write(b"".join(s.command for s in (*steps, final)), final.stage if chunking else steps[0].stage)
         wire.body_sent = chunking
         for step in (*steps, final):
             step.reply = wire.read(step.stage)
