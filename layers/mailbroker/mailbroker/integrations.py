@@ -53,6 +53,9 @@ def is_forbidden_address(host: str) -> bool:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    if mapped is not None:  # ::ffff:169.254.169.254 reaches the IPv4 address
+        addr = mapped
     if addr.is_link_local:
         return True
     return addr == ipaddress.ip_address("fd00:ec2::254")
