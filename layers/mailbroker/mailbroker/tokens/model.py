@@ -89,17 +89,22 @@ class RefreshPolicy:
 @dataclass(frozen=True)
 class CredentialIdentity:
     """Who a token belongs to. Two mailboxes never share a token: the subject or username is part
-    of the identity, with the provider, the tenant or token URL, the client id and the scope."""
+    of the identity, with the provider, the tenant or token URL, the client id and the scope.
+    ``proof`` is a digest of the credential itself, so a configuration that copies another
+    integration's public fields without its secret is never served that integration's token."""
 
     provider: str
     issuer: str
     client_id: str
     subject: str
     scope: str
+    proof: str = field(default="", repr=False)
 
     @property
     def key(self) -> str:
-        raw = json.dumps([self.provider, self.issuer, self.client_id, self.subject.lower(), self.scope])
+        raw = json.dumps(
+            [self.provider, self.issuer, self.client_id, self.subject.lower(), self.scope, self.proof]
+        )
         return "token#" + hashlib.sha256(raw.encode()).hexdigest()
 
     @property

@@ -10,10 +10,14 @@ Every failure leaves here as a classified ``TokenError``; nothing here logs or r
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+from pydantic import SecretStr
 
 from mailbroker.errors import TokenError, classify_token_error
 from mailbroker.integrations import (
@@ -22,6 +26,7 @@ from mailbroker.integrations import (
     GoogleServiceAccountIntegration,
     MicrosoftIntegration,
     OAuth2Integration,
+    is_forbidden_address,
 )
 from mailbroker.tokens.model import CredentialIdentity, IssuedToken, fingerprint
 
@@ -35,10 +40,16 @@ def identity_of(integration: Any) -> CredentialIdentity:
             integration.client_id,
             integration.username,
             integration.scope,
+            _proof(integration.client_secret),
         )
     if isinstance(integration, GoogleIntegration):
         return CredentialIdentity(
-            "google", integration.token_uri, integration.client_id, integration.username, integration.scope
+            "google",
+            integration.token_uri,
+            integration.client_id,
+            integration.username,
+            integration.scope,
+            _proof(integration.client_secret, integration.refresh_token),
         )
     if isinstance(integration, GoogleServiceAccountIntegration):
         return CredentialIdentity(
@@ -47,12 +58,26 @@ def identity_of(integration: Any) -> CredentialIdentity:
             integration.service_account_info.client_email,
             integration.subject,
             integration.scope,
+            _proof(integration.service_account_info.private_key),
         )
     if isinstance(integration, OAuth2Integration):
         return CredentialIdentity(
-            "oauth2", integration.token_url, integration.client_id, integration.username, integration.scope
+            "oauth2",
+            integration.token_url,
+            integration.client_id,
+            integration.username,
+            integration.scope,
+            _proof(integration.client_secret),
         )
     raise TypeError(f"{type(integration).__name__} does not use OAuth2 tokens")
+
+
+def _proof(*secrets: SecretStr) -> str:
+    """A digest of the credential: part of the cache key, never the credential itself."""
+    digest = hashlib.sha256()
+    for secret in secrets:
+        digest.update(secret.get_secret_value().encode() + b"\0")
+    return digest.hexdigest()
 
 
 class _TimeoutSession(requests.Session):
@@ -66,6 +91,7 @@ class _TimeoutSession(requests.Session):
         self.hooks["response"].append(self._remember)
 
     def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
+        _refuse_forbidden_host(url.decode() if isinstance(url, bytes) else str(url))
         given = kwargs.get("timeout")
         kwargs["timeout"] = min(given, self._timeout) if isinstance(given, int | float) else self._timeout
         self._seen.status = None
@@ -83,6 +109,21 @@ class _TimeoutSession(requests.Session):
     @property
     def last_retry_after(self) -> float | None:
         return getattr(self._seen, "retry_after", None)
+
+
+def _refuse_forbidden_host(url: str) -> None:
+    """The token URL's host as the resolver sees it: a name or numeric form (``2852039166``) that
+    resolves to a link-local or instance-metadata address gets no request."""
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # unresolvable: the request itself fails and is classified
+    if any(is_forbidden_address(str(info[4][0])) for info in infos):
+        raise TokenError(
+            f"token endpoint {host!r} resolves to a link-local or instance-metadata address",
+            code="address_not_allowed",
+        )
 
 
 def _parse_retry_after(value: str | None) -> float | None:
