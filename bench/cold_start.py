@@ -1,0 +1,167 @@
+"""Figure 4: cold start.
+
+Each handler's import time (``python -X importtime``, a fresh interpreter each time, the median of
+several) divided by the import time of bare ``boto3`` measured in the same rounds. The processes
+see what a Lambda execution environment sets (``LAMBDA_TASK_ROOT`` and the function's name, so the
+Powertools Tracer is active as it is with ``Tracing: Active``), and the handler directory is first
+on ``sys.path``, as ``/var/task`` is.
+
+Also the Lambda layer's unzipped size: ``pip install --target`` of the layer's requirements.txt
+plus the package, summed file by file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from bench import Row, Target
+from bench.environment import ROOT
+
+FUNCTIONS = ROOT / "functions"
+LAYER = ROOT / "layers" / "mailbroker"
+MARKER = "--bench-import-starts--"
+TARGET_RATIO = 1.4
+
+
+def handlers() -> list[str]:
+    """Every function directory with an app.py."""
+    return sorted(p.parent.name for p in FUNCTIONS.glob("*/app.py"))
+
+
+def lambda_env(function: str | None) -> dict[str, str]:
+    task_root = str(FUNCTIONS / function) if function else str(ROOT)
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "LAMBDA_TASK_ROOT": task_root,
+        "AWS_LAMBDA_FUNCTION_NAME": f"mailbroker-{function or 'baseline'}",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "512",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "POWERTOOLS_SERVICE_NAME": "mailbroker",
+        "POWERTOOLS_METRICS_NAMESPACE": "Mailbroker",
+        "PYTHONPATH": task_root,
+    }
+
+
+def import_ms(module: str, function: str | None = None) -> float:
+    """Milliseconds ``-X importtime`` attributes to ``import module`` in a fresh interpreter: the
+    cumulative time of every top-level import the statement triggered."""
+    code = f"import sys; sys.stderr.write({MARKER!r} + '\\n'); sys.stderr.flush(); import {module}"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        env=lambda_env(function),
+        cwd=FUNCTIONS / function if function else ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"import {module} failed:\n{done.stderr[-2000:]}")
+    return _top_level_ms(done.stderr)
+
+
+def _top_level_ms(stderr: str) -> float:
+    lines = stderr.split(MARKER, 1)[1].splitlines()
+    entries = []
+    for line in lines:
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = line.split("|", 2)
+        if not cumulative.strip().isdigit():
+            continue  # the header line
+        depth = len(name) - len(name.lstrip(" "))
+        entries.append((depth, int(cumulative)))
+    if not entries:
+        raise RuntimeError("-X importtime printed nothing after the marker")
+    top = min(depth for depth, _ in entries)
+    return sum(us for depth, us in entries if depth == top) / 1000.0
+
+
+def layer_size(*, zipped: bool = True) -> dict[str, Any]:
+    """MiB of the layer as ``sam build`` lays it out (requirements + the package), unzipped, and
+    zipped with deflate."""
+    with tempfile.TemporaryDirectory(prefix="mailbroker-layer-") as tmp:
+        target = Path(tmp) / "python"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-compile",
+                "--target",
+                str(target),
+                "-r",
+                str(LAYER / "requirements.txt"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        shutil.copytree(
+            LAYER / "mailbroker", target / "mailbroker", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        files = [p for p in target.rglob("*") if p.is_file()]
+        unzipped = sum(p.stat().st_size for p in files)
+        sizes: dict[str, Any] = {"unzipped_mib": unzipped / 2**20}
+        if zipped:
+            archive = Path(tmp) / "layer.zip"
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+                for path in files:
+                    zf.write(path, path.relative_to(target.parent))
+            sizes["zipped_mib"] = archive.stat().st_size / 2**20
+        largest = sorted(
+            ((sum(f.stat().st_size for f in d.rglob("*") if f.is_file()), d.name) for d in target.iterdir()),
+            reverse=True,
+        )[:5]
+        sizes["largest_mib"] = {name: round(size / 2**20, 1) for size, name in largest}
+        return sizes
+
+
+def run(sandbox: object, *, smoke: bool) -> list[Row]:
+    rounds = 1 if smoke else 7
+    names = handlers()
+    subjects = [("boto3", None)] + [("app", name) for name in names]
+    if not smoke:
+        for module, function in subjects:  # once untimed: byte-code caches written, files in page cache
+            import_ms(module, function)
+    samples: dict[str, list[float]] = {function or "boto3": [] for _, function in subjects}
+    for _ in range(rounds):  # interleaved, so a noisy moment touches every subject alike
+        for module, function in subjects:
+            samples[function or "boto3"].append(import_ms(module, function))
+    boto3_ms = statistics.median(samples["boto3"])
+    rows = [
+        Row(
+            f"cold start: import {name} handler",
+            statistics.median(samples[name]),
+            boto3_ms,
+            unit="ms",
+            baseline_label="import boto3",
+            target=Target(TARGET_RATIO, on="ratio"),
+            details={"samples_ms": samples[name], "boto3_samples_ms": samples["boto3"]},
+        )
+        for name in names
+    ]
+    size = layer_size(zipped=not smoke)
+    rows.append(
+        Row(
+            "layer size, unzipped",
+            round(size["unzipped_mib"], 1),
+            None,
+            unit="MiB",
+            details={**size, "platform": sys.platform, "python": sys.version.split()[0]},
+        )
+    )
+    return rows
