@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote
 
 from aws_lambda_powertools.event_handler import Response, content_types
@@ -27,7 +28,7 @@ def _statuses() -> MessageStatusStore:
 
 
 @router.post("/v1/messages")
-def post_message() -> Response:
+def post_message() -> Response[dict[str, Any]]:
     """Validate and queue a message: 202 ``{"id", "status"}``, or 400 with every field error.
     A second post of an id already queued, sending or sent answers its current status."""
     body = router.current_event.decoded_body
@@ -43,7 +44,7 @@ def post_message() -> Response:
 
 
 @router.get("/v1/messages/<message_id>")
-def get_message(message_id: str) -> Response:
+def get_message(message_id: str) -> Response[dict[str, Any]]:
     """The message's status record, or 404 ``not_found``."""
     message_id = unquote(message_id)
     record = _statuses().get(message_id)

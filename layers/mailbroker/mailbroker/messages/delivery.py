@@ -120,7 +120,8 @@ class QueuedRecord:
 class _Attempt:
     message_id: str
     integration_id: str | None = None
-    seen: MessageRecord | None = None
+    seen: MessageRecord | None = None  # the record as this attempt last read or wrote it
+    before: MessageRecord | None = None  # the record as it was when this attempt began
     loaded: bool = False  # the status record was read (``seen`` is meaningful)
 
 
@@ -320,6 +321,8 @@ class Delivery:
 
     def _load(self, attempt: _Attempt) -> None:
         attempt.seen = self.statuses.load(attempt.message_id)
+        if not attempt.loaded:
+            attempt.before = attempt.seen
         attempt.loaded = True
 
     def _put_back(self, item: QueuedRecord, attempt: _Attempt, seconds: float, reason: str) -> str:
@@ -335,7 +338,8 @@ class Delivery:
         now = self._clock()
         seen = attempt.seen
         attempts = attempts_so_far(seen, now) + 1 if attempt.loaded else item.receive_count
-        if is_expired(self._cycle_start(item, seen, now), now, max_age_seconds=self.max_message_age_seconds):
+        started = self._cycle_start(item, attempt.before, now)
+        if is_expired(started, now, max_age_seconds=self.max_message_age_seconds):
             return self._expire(item, attempt, error, attempts)
 
         delay = retry_delay(attempts, retry_after=error.retry_after, uniform=self._uniform)
@@ -374,13 +378,15 @@ class Delivery:
         _metric("MessagesRetried", integration_id, 1, code=error.code)
         raise RetryLater(attempt.message_id, delay, error.code)
 
-    def _cycle_start(self, item: QueuedRecord, seen: MessageRecord | None, now: float) -> float:
+    def _cycle_start(self, item: QueuedRecord, before: MessageRecord | None, now: float) -> float:
         """When the current delivery of the id began: the queue's SentTimestamp, or the moment
         it came back after a failure (a re-drive starts the clock again)."""
-        if seen is not None and is_new_cycle(seen, now):
-            return now
         start = item.sent_at or now
-        return max(start, seen.cycle_started_at) if seen is not None else start
+        if before is None:
+            return start
+        if is_new_cycle(before, now):
+            return now if before.is_live(now) else start
+        return max(start, before.cycle_started_at)
 
     def _expire(self, item: QueuedRecord, attempt: _Attempt, error: MailbrokerError, attempts: int) -> str:
         hours = self.max_message_age_seconds / 3600

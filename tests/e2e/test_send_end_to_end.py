@@ -1,0 +1,241 @@
+"""One message's whole path: ``POST /v1/messages`` to the token broker function (API Gateway HTTP
+API payload v2, events/http_post_message.json's shape) → the send queue on the moto server → the
+sender function → the sandbox SMTP server over STARTTLS with a sandbox-issued XOAUTH2 token →
+``GET /v1/messages/{id}`` saying ``sent`` with the server's reply.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailbroker import runtime
+from mailbroker.integrations import IntegrationStore, parse_integration
+from mailbroker.messages.mime import build_mime
+from mailbroker.messages.models import parse_message
+
+EVENTS = Path(__file__).resolve().parents[2] / "events"
+SENDER = "support@contoso.com"
+CLIENT_SECRET = "planted-client-secret-e2e-4d1f"
+
+
+class LambdaContext:
+    memory_limit_in_mb = 512
+    aws_request_id = "e2e00000-0000-4000-8000-000000000001"
+
+    def __init__(self, function_name: str) -> None:
+        self.function_name = function_name
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 90_000
+
+
+class Stack:
+    """The deployed stack as an application sees it: the HTTP API and the functions."""
+
+    def __init__(self, stack: Any, monkeypatch: pytest.MonkeyPatch, smtp: Any, tokens: Any) -> None:
+        self.stack = stack
+        self.monkeypatch = monkeypatch
+        self.smtp = smtp
+        self.sqs = stack.client("sqs")
+        self.queue_url = stack.function_env("SenderFunction")["SEND_QUEUE_URL"]
+        # Both functions' environments: they name the same tables and queues.
+        for logical_id in ("TokenBrokerFunction", "SenderFunction"):
+            for name, value in stack.function_env(logical_id).items():
+                monkeypatch.setenv(name, value)
+        runtime.reset()
+        self.integration = f"support-{uuid.uuid4().hex[:8]}"
+        tokens.register_microsoft_app("contoso", f"app-{self.integration}", CLIENT_SECRET)
+        store = IntegrationStore(
+            stack.client("secretsmanager"), stack.function_env("SenderFunction")["SECRET_PREFIX"]
+        )
+        store.put(
+            parse_integration(
+                {
+                    "id": self.integration,
+                    "provider": "microsoft",
+                    "smtp": {"host": "127.0.0.1", "port": smtp.port, "security": "starttls"},
+                    "username": SENDER,
+                    "senders": [{"email": SENDER, "name": "Support Team"}],
+                    "tenant_id": "contoso",
+                    "client_id": f"app-{self.integration}",
+                    "client_secret": CLIENT_SECRET,
+                    "authority": tokens.base_url,
+                }
+            )
+        )
+        smtp.add_mailbox(SENDER)
+
+    def message(self, **overrides: Any) -> dict[str, Any]:
+        body = json.loads((EVENTS / "message.json").read_text())
+        body |= {"integration": self.integration, "id": f"order-{uuid.uuid4().hex[:10]}", **overrides}
+        return {k: v for k, v in body.items() if v is not None}
+
+    def post(self, body: dict[str, Any] | str) -> tuple[int, dict[str, Any]]:
+        event = json.loads((EVENTS / "http_post_message.json").read_text())
+        event["body"] = body if isinstance(body, str) else json.dumps(body)
+        return self._api(event)
+
+    def get(self, message_id: str) -> tuple[int, dict[str, Any]]:
+        event = json.loads((EVENTS / "http_get_message.json").read_text())
+        event["rawPath"] = event["requestContext"]["http"]["path"] = f"/v1/messages/{message_id}"
+        event["pathParameters"] = {"id": message_id}
+        return self._api(event)
+
+    def _api(self, event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        from token_broker.app import lambda_handler
+
+        answer = lambda_handler(event, LambdaContext("TokenBrokerFunction"))
+        return answer["statusCode"], json.loads(answer["body"])
+
+    def run_sender(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The event source mapping: receive a batch, invoke the sender, delete what it finished."""
+        from sender.app import lambda_handler
+
+        messages = self.sqs.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=10,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        template = json.loads((EVENTS / "sqs_batch.json").read_text())["Records"][0]
+        records = []
+        for m in messages:
+            record = copy.deepcopy(template)
+            record.update(
+                messageId=m["MessageId"],
+                receiptHandle=m["ReceiptHandle"],
+                body=m["Body"],
+                attributes=m["Attributes"],
+                md5OfBody=m["MD5OfBody"],
+                eventSourceARN=self.stack.attribute("SendQueue", "Arn"),
+            )
+            records.append(record)
+        answer = lambda_handler({"Records": records}, LambdaContext("SenderFunction"))
+        failed = {f["itemIdentifier"] for f in answer["batchItemFailures"]}
+        for record in records:
+            if record["messageId"] not in failed:
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"])
+        return answer, records
+
+    def queued(self) -> int:
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=self.queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"])
+
+
+@pytest.fixture
+def deployed(
+    stack: Any,
+    aws_env: dict[str, str],
+    fresh_token_server: Any,
+    ca_trust_env: dict[str, str],
+    smtp_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Stack]:
+    deployed = Stack(stack, monkeypatch, smtp_server(), fresh_token_server)
+    yield deployed
+    while got := deployed.sqs.receive_message(QueueUrl=deployed.queue_url, MaxNumberOfMessages=10).get(
+        "Messages"
+    ):
+        for m in got:
+            deployed.sqs.delete_message(QueueUrl=deployed.queue_url, ReceiptHandle=m["ReceiptHandle"])
+    runtime.reset()
+
+
+def test_a_posted_message_is_sent_and_its_status_says_so(deployed: Stack) -> None:
+    message = deployed.message()
+
+    posted = deployed.post(message)
+    while_queued = deployed.get(message["id"])
+    answer, [record] = deployed.run_sender()
+    after = deployed.get(message["id"])
+
+    assert posted == (202, {"id": message["id"], "status": "queued"})
+    assert while_queued[0] == 200 and while_queued[1]["status"] == "queued"
+    assert answer == {"batchItemFailures": []}
+    [accepted] = deployed.smtp.accepted
+    queued_at = dt.datetime.fromtimestamp(int(record["attributes"]["SentTimestamp"]) / 1000, dt.UTC)
+    expected = build_mime(parse_message(json.dumps(message)), message_id_domain="contoso.com", now=queued_at)
+    assert accepted.data == expected.as_bytes()
+    assert accepted.mechanism == "XOAUTH2"
+    status, body = after
+    assert status == 200
+    assert body["status"] == "sent"
+    assert body["reply"] == f"250 2.0.0 OK <{accepted.queue_id}>"
+    assert body["integration"] == deployed.integration
+    assert deployed.queued() == 0
+
+
+def test_posting_the_same_id_again_queues_nothing_and_answers_its_current_status(deployed: Stack) -> None:
+    message = deployed.message()
+
+    first = deployed.post(message)
+    second = deployed.post(message)
+    queued_after_two_posts = deployed.queued()
+    deployed.run_sender()
+    after_sending = deployed.post(message)
+
+    assert first[1]["status"] == second[1]["status"] == "queued"
+    assert queued_after_two_posts == 1
+    assert after_sending == (202, {"id": message["id"], "status": "sent"})
+    assert deployed.queued() == 0
+    assert len(deployed.smtp.accepted) == 1
+
+
+def test_a_post_without_id_is_given_one_and_tracked_under_it(deployed: Stack) -> None:
+    status, body = deployed.post(deployed.message(id=None))
+    deployed.run_sender()
+
+    assert status == 202
+    assert deployed.get(body["id"])[1]["status"] == "sent"
+
+
+def test_an_invalid_post_answers_400_with_every_field_error_and_queues_nothing(deployed: Stack) -> None:
+    message = deployed.message(to=[], subject="two\r\nlines", headers={"From": "spoof@example.com"})
+
+    status, body = deployed.post(message)
+
+    assert status == 400
+    assert body["error"]["code"] == "invalid_message"
+    fields = {detail["field"] for detail in body["error"]["details"]}
+    assert {"to", "subject", "headers.From"} <= fields
+    assert deployed.queued() == 0
+    assert deployed.get(message["id"])[0] == 404
+
+
+def test_a_post_the_queue_cannot_carry_answers_400(deployed: Stack) -> None:
+    big = base64.b64encode(b"\0" * 200_000).decode()
+    message = deployed.message(
+        attachments=[{"filename": "big.bin", "content_type": "application/octet-stream", "content": big}]
+    )
+
+    status, body = deployed.post(message)
+
+    assert status == 400
+    assert body["error"]["code"] == "invalid_message"
+    assert deployed.queued() == 0
+
+
+def test_a_post_from_a_sender_the_integration_does_not_allow_answers_403(deployed: Stack) -> None:
+    status, body = deployed.post(deployed.message(**{"from": {"email": "ceo@contoso.com"}}))
+
+    assert status == 403
+    assert body["error"]["code"] == "sender_not_allowed"
+    assert deployed.queued() == 0
+
+
+def test_an_unknown_message_id_answers_404_not_found(deployed: Stack) -> None:
+    status, body = deployed.get(f"never-posted-{uuid.uuid4().hex[:6]}")
+
+    assert status == 404
+    assert body["error"]["code"] == "not_found"

@@ -1,0 +1,943 @@
+"""The sender pipeline against real peers on loopback: the moto server holding the template's
+queues and tables, the sandbox token endpoints, and the sandbox SMTP server with STARTTLS and
+XOAUTH2. Every test calls the real handler (``sender.app.lambda_handler``) with SQS events built
+from messages actually received from the send queue, then acts as the event source mapping does:
+records the handler reports as done are deleted, failed ones stay with the visibility the handler
+gave them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import datetime as dt
+import email
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import policy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailbroker import runtime
+from mailbroker.integrations import IntegrationStore, parse_integration
+from mailbroker.messages.mime import build_mime
+from mailbroker.messages.models import parse_message
+from mailbroker.messages.status import MessageStatusStore
+from mailbroker.sandbox.smtp_server import SandboxSmtpServer
+
+EVENTS = Path(__file__).resolve().parents[2] / "events"
+SENDER = "support@contoso.com"
+ALIAS = "sales@contoso.com"
+# Planted credentials: none of them may appear in anything the pipeline writes.
+CLIENT_SECRET = "planted-client-secret-5b1e9c"
+PASSWORD = "planted-smtp-password-91c2d7"
+ONE_MINUTE = (54, 66)  # the first retry: 60 s ± 10 %
+
+
+class LambdaContext:
+    function_name = "SenderFunction"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:SenderFunction"
+    aws_request_id = "5e4de400-0000-4000-8000-000000000001"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 90_000
+
+
+# --------------------------------------------------------------------------------------- harness
+
+
+@dataclass
+class Pipeline:
+    """The send queue, its dead-letter queue, the status table and the SMTP server of one test."""
+
+    stack: Any
+    env: dict[str, str]
+    tokens: Any
+    smtp: SandboxSmtpServer
+    monkeypatch: pytest.MonkeyPatch
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    visibility: list[dict[str, Any]] = field(default_factory=list)
+    receipts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sqs = self.stack.client("sqs")
+        self.queue_url = self.env["SEND_QUEUE_URL"]
+        self.dlq_url = self.env["DEAD_LETTER_QUEUE_URL"]
+        self.integrations = IntegrationStore(
+            self.stack.client("secretsmanager"), self.env["SECRET_PREFIX"], max_age=0
+        )
+        self.statuses = MessageStatusStore(
+            self.stack.client("dynamodb"), self.env["MESSAGE_TABLE"], window_seconds=86400
+        )
+        self._watch_visibility()
+
+    # -- configuration
+    def setenv(self, name: str, value: str) -> None:
+        """Change the function's environment, as a new deployment would."""
+        self.monkeypatch.setenv(name, value)
+        runtime.reset()
+        self._watch_visibility()
+
+    def _watch_visibility(self) -> None:
+        """Observe the ChangeMessageVisibility calls the handler's own SQS client makes."""
+
+        def seen(params: dict[str, Any], **kwargs: Any) -> None:
+            self.visibility.append(dict(params))
+
+        runtime.aws_client("sqs").meta.events.register(
+            "provide-client-params.sqs.ChangeMessageVisibility", seen
+        )
+
+    def add(self, provider: str = "microsoft", *, mailbox: dict[str, Any] | None = None, **extra: Any) -> str:
+        """Register an integration of ``provider`` with the sandbox token endpoints and its mailbox
+        with the SMTP server; returns the integration id."""
+        integration_id = f"{provider.replace('_', '-')}-{self.uid}"
+        client_id = f"client-{integration_id}"
+        data: dict[str, Any] = {
+            "id": integration_id,
+            "provider": provider,
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": self.smtp.port,
+                "security": "starttls",
+                "timeout_seconds": 5,
+            },
+            "username": SENDER,
+            "senders": [{"email": SENDER, "name": "Support Team"}],
+        }
+        mailbox = dict(mailbox or {})
+        if provider == "microsoft":
+            self.tokens.register_microsoft_app("contoso", client_id, CLIENT_SECRET)
+            data |= {
+                "tenant_id": "contoso",
+                "client_id": client_id,
+                "client_secret": CLIENT_SECRET,
+                "authority": self.tokens.base_url,
+            }
+        elif provider == "google":
+            self.tokens.register_google_client(client_id, CLIENT_SECRET)
+            data |= {
+                "client_id": client_id,
+                "client_secret": CLIENT_SECRET,
+                "refresh_token": self.tokens.issue_refresh_token(client_id, SENDER),
+                "token_uri": self.tokens.google_token_uri,
+            }
+        elif provider == "google_service_account":
+            data |= {"service_account_info": self.tokens.register_service_account(), "subject": SENDER}
+        elif provider == "oauth2":
+            self.tokens.register_oauth2_client(client_id, CLIENT_SECRET, scope="smtp.send")
+            data |= {
+                "token_url": self.tokens.oauth2_token_url,
+                "client_id": client_id,
+                "client_secret": CLIENT_SECRET,
+                "scope": "smtp.send",
+            }
+        elif provider == "basic":
+            data["password"] = PASSWORD
+            mailbox.setdefault("password", PASSWORD)
+        self.integrations.put(parse_integration(data | extra))
+        self.smtp.add_mailbox(SENDER, **mailbox)
+        return integration_id
+
+    # -- messages
+    def message(self, integration_id: str, **overrides: Any) -> dict[str, Any]:
+        """events/message.json, for ``integration_id``, with a fresh id unless one is given."""
+        body = json.loads((EVENTS / "message.json").read_text())
+        body |= {"integration": integration_id, "id": f"msg-{uuid.uuid4().hex[:12]}"}
+        body |= overrides
+        return {k: v for k, v in body.items() if v is not None}
+
+    def post(self, message: dict[str, Any] | str, *, attributes: dict[str, str] | None = None) -> str:
+        body = message if isinstance(message, str) else json.dumps(message, ensure_ascii=False)
+        kwargs: dict[str, Any] = {"QueueUrl": self.queue_url, "MessageBody": body}
+        if attributes:
+            kwargs["MessageAttributes"] = {
+                k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()
+            }
+        return self.sqs.send_message(**kwargs)["MessageId"]
+
+    def receive(self, count: int = 10) -> dict[str, Any]:
+        """An SQS event (events/sqs_batch.json's shape) of up to ``count`` received messages."""
+        messages: list[dict[str, Any]] = []
+        while len(messages) < count:
+            got = self.sqs.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=min(10, count - len(messages)),
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            ).get("Messages", [])
+            if not got:
+                break
+            messages += got
+        self.receipts += [m["ReceiptHandle"] for m in messages]
+        return sqs_event(messages, self.stack.attribute("SendQueue", "Arn"))
+
+    def run(self, event: dict[str, Any]) -> list[str]:
+        """Invoke the handler; delete what it reports done. Returns the failed message ids."""
+        from sender.app import lambda_handler
+
+        answer = lambda_handler(event, LambdaContext())
+        failed = [f["itemIdentifier"] for f in answer["batchItemFailures"]]
+        for record in event["Records"]:
+            if record["messageId"] not in failed:
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"])
+        return failed
+
+    def deliver(self, *messages: dict[str, Any] | str) -> list[str]:
+        for message in messages:
+            self.post(message)
+        return self.run(self.receive(len(messages)))
+
+    def make_visible(self, event: dict[str, Any]) -> None:
+        """Let the retry delay pass for the records of ``event``."""
+        for record in event["Records"]:
+            self.sqs.change_message_visibility(
+                QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"], VisibilityTimeout=0
+            )
+
+    # -- observations
+    def status(self, message_id: str) -> dict[str, Any] | None:
+        record = self.statuses.get(message_id)
+        return record.to_public() if record else None
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        letters = []
+        while True:
+            got = self.sqs.receive_message(
+                QueueUrl=self.dlq_url, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
+            ).get("Messages", [])
+            if not got:
+                return letters
+            for m in got:
+                attributes = {k: v["StringValue"] for k, v in m.get("MessageAttributes", {}).items()}
+                letters.append({"body": m["Body"], "attributes": attributes, "raw": m})
+                self.receipts.append(m["ReceiptHandle"])
+
+    def queue_depth(self) -> tuple[int, int]:
+        """(visible, in flight) messages on the send queue."""
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]), int(
+            attributes["ApproximateNumberOfMessagesNotVisible"]
+        )
+
+    def delays(self) -> list[int]:
+        return [int(v["VisibilityTimeout"]) for v in self.visibility]
+
+    def drain(self) -> None:
+        """Leave both queues empty for the next test of the module."""
+        for url in (self.queue_url, self.dlq_url):
+            for receipt in self.receipts:
+                # a receipt of the other queue, or of a message already deleted
+                with contextlib.suppress(Exception):
+                    self.sqs.delete_message(QueueUrl=url, ReceiptHandle=receipt)
+            while got := self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
+                for m in got:
+                    self.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+
+
+def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
+    """Lambda's SQS event for ``messages`` as ReceiveMessage returned them."""
+    template = json.loads((EVENTS / "sqs_batch.json").read_text())["Records"][0]
+    records = []
+    for m in messages:
+        record = copy.deepcopy(template)
+        record.update(
+            messageId=m["MessageId"],
+            receiptHandle=m["ReceiptHandle"],
+            body=m["Body"],
+            attributes=m["Attributes"],
+            messageAttributes={
+                name: {"stringValue": value["StringValue"], "dataType": value["DataType"]}
+                for name, value in m.get("MessageAttributes", {}).items()
+            },
+            md5OfBody=m["MD5OfBody"],
+            eventSourceARN=queue_arn,
+        )
+        records.append(record)
+    return {"Records": records}
+
+
+@pytest.fixture
+def pipeline(
+    stack: Any,
+    aws_env: dict[str, str],
+    fresh_token_server: Any,
+    ca_trust_env: dict[str, str],
+    smtp_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Pipeline]:
+    env = stack.function_env("SenderFunction")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TOKEN_HTTP_TIMEOUT_SECONDS", "2")
+    runtime.reset()
+    p = Pipeline(stack, env, fresh_token_server, smtp_server(), monkeypatch)
+    p.drain()
+    yield p
+    p.drain()
+    runtime.reset()
+
+
+# ------------------------------------------------------------------------------------- delivery
+
+
+def test_queued_message_is_delivered_byte_for_byte_as_built_from_its_json(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration)
+    pipeline.post(message)
+    event = pipeline.receive()
+
+    failed = pipeline.run(event)
+
+    assert failed == []
+    [accepted] = pipeline.smtp.accepted
+    queued_at = int(event["Records"][0]["attributes"]["SentTimestamp"]) / 1000
+    expected = build_mime(
+        parse_message(json.dumps(message)),
+        message_id_domain="contoso.com",
+        now=dt.datetime.fromtimestamp(queued_at, dt.UTC),
+    ).as_bytes()
+    assert accepted.data == expected
+    assert accepted.mail_from == SENDER
+    assert accepted.rcpt_tos == ["ana@example.com", "bo@example.com"]
+    status = pipeline.status(message["id"])
+    assert status["status"] == "sent"
+    assert status["reply"] == f"250 2.0.0 OK <{accepted.queue_id}>"
+    assert status["attempts"] == 1
+    assert pipeline.queue_depth() == (0, 0)
+    assert pipeline.dead_letters() == []
+
+
+@pytest.mark.parametrize(
+    ("provider", "mechanism"),
+    [
+        ("microsoft", "XOAUTH2"),
+        ("google", "XOAUTH2"),
+        ("google_service_account", "XOAUTH2"),
+        ("oauth2", "XOAUTH2"),
+        ("basic", "PLAIN"),
+    ],
+)
+def test_each_provider_type_authenticates_and_delivers(
+    pipeline: Pipeline, provider: str, mechanism: str
+) -> None:
+    integration = pipeline.add(provider)
+    message = pipeline.message(integration)
+
+    assert pipeline.deliver(message) == []
+
+    [accepted] = pipeline.smtp.accepted
+    assert (accepted.auth_user, accepted.mechanism) == (SENDER, mechanism)
+    assert pipeline.status(message["id"])["status"] == "sent"
+
+
+def test_html_text_attachments_and_unicode_arrive_intact(pipeline: Pipeline) -> None:
+    integration = pipeline.add("google")
+    pdf = bytes(range(256)) * 40
+    message = pipeline.message(
+        integration,
+        **{"from": {"email": SENDER, "name": "Équipe Support — Zoë"}},
+        to=[{"email": "juergen@bücher.example", "name": "Jürgen Größe"}],
+        subject="Ihre Bestellung 📦 ist unterwegs — 注文",
+        text="Grüße aus Köln!\nZeile zwei — mit Gedankenstrich.\n",
+        html="<p>Grüße aus <b>Köln</b> 🚚</p>",
+        attachments=[
+            {
+                "filename": "rechnung.pdf",
+                "content_type": "application/pdf",
+                "content": base64.b64encode(pdf).decode(),
+            },
+            {
+                "filename": "notiz.txt",
+                "content_type": "text/plain",
+                "content": base64.b64encode(b"hi\n").decode(),
+            },
+        ],
+    )
+
+    assert pipeline.deliver(message) == []
+
+    [accepted] = pipeline.smtp.accepted
+    assert accepted.data.isascii()  # RFC 2047 words, quoted-printable and base64: no SMTPUTF8 needed
+    assert "SMTPUTF8" not in accepted.mail_options
+    received = email.message_from_bytes(accepted.data, policy=policy.default)
+    assert received["Subject"] == message["subject"]
+    assert received["From"].addresses[0].display_name == "Équipe Support — Zoë"
+    assert received["To"].addresses[0].display_name == "Jürgen Größe"
+    assert accepted.rcpt_tos == ["juergen@xn--bcher-kva.example"]
+    assert received.get_body(("plain",)).get_content().replace("\r\n", "\n") == message["text"]
+    assert received.get_body(("html",)).get_content().strip() == message["html"]
+    attachments = {part.get_filename(): part.get_content() for part in received.iter_attachments()}
+    assert attachments == {"rechnung.pdf": pdf, "notiz.txt": "hi\n"}
+
+
+def test_non_ascii_mailbox_name_is_sent_with_smtputf8(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration, to=["josé@example.com"])
+
+    assert pipeline.deliver(message) == []
+
+    [accepted] = pipeline.smtp.accepted
+    assert accepted.rcpt_tos == ["josé@example.com"]
+    assert "SMTPUTF8" in accepted.mail_options
+
+
+def test_partially_refused_recipients_are_recorded_and_the_others_get_the_message(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.smtp.fail("rcpt", 550, "5.1.1 User unknown", recipient="bo@example.com")
+    message = pipeline.message(integration)
+
+    assert pipeline.deliver(message) == []
+
+    [accepted] = pipeline.smtp.accepted
+    assert accepted.rcpt_tos == ["ana@example.com"]
+    status = pipeline.status(message["id"])
+    assert status["status"] == "sent"
+    assert status["refused"] == [{"recipient": "bo@example.com", "reply": "550 5.1.1 User unknown"}]
+    assert pipeline.dead_letters() == []
+
+
+# ---------------------------------------------------------------------------------- idempotency
+
+
+def test_a_redelivered_sqs_message_is_not_sent_twice(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration)
+    pipeline.post(message)
+    event = pipeline.receive()
+    from sender.app import lambda_handler
+
+    first = lambda_handler(event, LambdaContext())  # the delete after it is lost: SQS redelivers
+    second = pipeline.run(event)
+
+    assert first["batchItemFailures"] == [] and second == []
+    assert len(pipeline.smtp.accepted) == 1
+    assert pipeline.status(message["id"])["attempts"] == 1
+
+
+def test_the_same_id_posted_twice_is_delivered_once(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration)
+
+    in_one_batch = pipeline.deliver(message, message)
+    in_a_later_batch = pipeline.deliver(message)
+
+    assert in_one_batch == [] and in_a_later_batch == []
+    assert len(pipeline.smtp.accepted) == 1
+    assert pipeline.status(message["id"])["status"] == "sent"
+    assert pipeline.queue_depth() == (0, 0)
+
+
+def test_a_message_without_id_is_tracked_under_its_sqs_message_id(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    sqs_id = pipeline.post(pipeline.message(integration, id=None))
+
+    assert pipeline.run(pipeline.receive()) == []
+
+    assert pipeline.status(sqs_id)["status"] == "sent"
+    [accepted] = pipeline.smtp.accepted
+    assert build_mime_id(sqs_id) in accepted.data.decode()
+
+
+def build_mime_id(message_id: str) -> str:
+    from mailbroker.messages.mime import message_id_for
+
+    return message_id_for(message_id, "contoso.com")
+
+
+def test_a_claim_whose_sender_vanished_fails_as_delivery_uncertain_and_is_not_resent(
+    pipeline: Pipeline,
+) -> None:
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration)
+    # A sender claimed the id and died without recording the outcome.
+    pipeline.statuses.start_sending(message["id"], integration, None, holder="gone", lease_seconds=0.05)
+    time.sleep(0.1)
+
+    assert pipeline.deliver(message) == []
+
+    assert pipeline.smtp.accepted == []
+    assert pipeline.status(message["id"])["last_error"]["code"] == "delivery_uncertain"
+    [letter] = pipeline.dead_letters()
+    assert letter["attributes"]["error_code"] == "delivery_uncertain"
+
+
+def test_a_copy_of_an_id_another_sender_is_sending_waits_for_the_claim_to_end(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration)
+    pipeline.statuses.start_sending(message["id"], integration, None, holder="busy", lease_seconds=120)
+
+    failed = pipeline.deliver(message)
+
+    assert len(failed) == 1
+    assert pipeline.smtp.accepted == []
+    assert 115 <= pipeline.delays()[0] <= 122
+    assert pipeline.status(message["id"])["status"] == "sending"
+
+
+# -------------------------------------------------------------------------------------- batches
+
+
+def test_a_batch_of_ten_to_one_integration_uses_one_connection_and_one_auth(pipeline: Pipeline) -> None:
+    # Limits above the batch, so the governor lets all ten through at once.
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600})
+    messages = [pipeline.message(integration) for _ in range(10)]
+
+    assert pipeline.deliver(*messages) == []
+
+    assert len(pipeline.smtp.accepted) == 10
+    assert pipeline.smtp.connections == 1
+    assert pipeline.smtp.auth_attempts == 1
+    assert pipeline.tokens.issued(client_id=f"client-{integration}") == 1
+    assert all(pipeline.status(m["id"])["status"] == "sent" for m in messages)
+
+
+def test_bad_json_in_the_middle_of_a_batch_does_not_affect_the_others(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    first, last = pipeline.message(integration), pipeline.message(integration)
+    pipeline.post(first)
+    broken_sqs_id = pipeline.post('{"integration": "x", "to": ["a@b.example"')
+    pipeline.post(last)
+
+    assert pipeline.run(pipeline.receive()) == []
+
+    assert len(pipeline.smtp.accepted) == 2
+    assert pipeline.status(first["id"])["status"] == pipeline.status(last["id"])["status"] == "sent"
+    broken = pipeline.status(broken_sqs_id)
+    assert broken["status"] == "failed" and broken["last_error"]["code"] == "invalid_message"
+    [letter] = pipeline.dead_letters()
+    assert letter["body"] == '{"integration": "x", "to": ["a@b.example"'
+    assert letter["attributes"]["message_id"] == broken_sqs_id
+    assert pipeline.queue_depth() == (0, 0)
+
+
+def test_an_invalid_message_lists_every_problem_in_its_status_and_dead_letter(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration, to=[], headers={"X-Bad": "line\r\nBcc: victim@example.com"})
+
+    assert pipeline.deliver(message) == []
+
+    status = pipeline.status(message["id"])
+    assert status["status"] == "failed"
+    problems = {p["field"] for p in status["last_error"]["details"]}
+    assert {"to", "headers.X-Bad"} <= problems
+    [letter] = pipeline.dead_letters()
+    assert letter["attributes"]["error_code"] == "invalid_message"
+    assert letter["attributes"]["message_id"] == message["id"]
+    assert "to" in letter["attributes"]["error_message"]
+    assert pipeline.smtp.accepted == []
+
+
+def test_broken_json_with_a_recognisable_id_is_recorded_under_that_id(pipeline: Pipeline) -> None:
+    pipeline.add("microsoft")
+    message_id = f"broken-{pipeline.uid}"
+
+    assert pipeline.deliver('{"id": "' + message_id + '", "integration": ') == []
+
+    assert pipeline.status(message_id)["last_error"]["code"] == "invalid_message"
+
+
+# ------------------------------------------------------------------------------ permanent failures
+
+
+def _unknown_integration(p: Pipeline) -> dict[str, Any]:
+    p.add("microsoft")
+    return p.message(f"nobody-{p.uid}")
+
+
+def _sender_not_allowed(p: Pipeline) -> dict[str, Any]:
+    return p.message(p.add("microsoft"), **{"from": {"email": "ceo@contoso.com"}})
+
+
+def _token_invalid_grant(p: Pipeline) -> dict[str, Any]:
+    integration = p.add("google")
+    p.tokens.revoke_refresh_token(p.integrations.get(integration).refresh_token.get_secret_value())
+    return p.message(integration)
+
+
+def _token_invalid_client(p: Pipeline) -> dict[str, Any]:
+    integration = p.add("microsoft")
+    p.tokens.register_microsoft_app("contoso", f"client-{integration}", "a-rotated-secret")
+    return p.message(integration)
+
+
+def _smtp_auth_failed(p: Pipeline) -> dict[str, Any]:
+    return p.message(p.add("microsoft", mailbox={"allowed_clients": ["another-app"]}))
+
+
+def _smtp_auth_disabled(p: Pipeline) -> dict[str, Any]:
+    return p.message(p.add("microsoft", mailbox={"smtp_auth_disabled": True}))
+
+
+def _send_as_denied(p: Pipeline) -> dict[str, Any]:
+    integration = p.add("microsoft", senders=[{"email": SENDER}, {"email": ALIAS}])
+    return p.message(integration, **{"from": {"email": ALIAS}})
+
+
+def _recipient_rejected(p: Pipeline) -> dict[str, Any]:
+    p.smtp.fail("rcpt", 550, "5.1.1 User unknown", times=2)
+    return p.message(p.add("microsoft"))
+
+
+def _message_too_large(p: Pipeline) -> dict[str, Any]:
+    p.smtp.size_limit = 2000
+    return p.message(p.add("microsoft"), text="x" * 3000)
+
+
+def _smtp_permanent(p: Pipeline) -> dict[str, Any]:
+    p.smtp.fail("eod", 550, "5.7.1 Message rejected as spam")
+    return p.message(p.add("microsoft"))
+
+
+@pytest.mark.parametrize(
+    ("code", "arrange"),
+    [
+        ("unknown_integration", _unknown_integration),
+        ("sender_not_allowed", _sender_not_allowed),
+        ("token_invalid_grant", _token_invalid_grant),
+        ("token_invalid_client", _token_invalid_client),
+        ("smtp_auth_failed", _smtp_auth_failed),
+        ("smtp_auth_disabled", _smtp_auth_disabled),
+        ("send_as_denied", _send_as_denied),
+        ("recipient_rejected", _recipient_rejected),
+        ("message_too_large", _message_too_large),
+        ("smtp_permanent", _smtp_permanent),
+    ],
+)
+def test_a_permanent_failure_is_recorded_and_dead_lettered_with_its_reason(
+    pipeline: Pipeline, code: str, arrange: Any
+) -> None:
+    message = arrange(pipeline)
+
+    failed = pipeline.deliver(message)
+
+    assert failed == []  # reported done, so SQS deletes it instead of looping to maxReceiveCount
+    status = pipeline.status(message["id"])
+    assert status["status"] == "failed"
+    assert status["last_error"]["code"] == code
+    assert status["last_error"]["hint"]
+    [letter] = pipeline.dead_letters()
+    assert json.loads(letter["body"]) == message
+    assert letter["attributes"]["error_code"] == code
+    assert letter["attributes"]["message_id"] == message["id"]
+    assert letter["attributes"]["integration"] == message["integration"]
+    assert letter["attributes"]["error_hint"] == status["last_error"]["hint"]
+    assert pipeline.smtp.accepted == []
+    assert pipeline.queue_depth() == (0, 0)
+    assert pipeline.visibility == []
+
+
+def test_smtp_auth_failure_is_final_only_after_one_fresh_token(pipeline: Pipeline) -> None:
+    message = _smtp_auth_failed(pipeline)
+
+    pipeline.deliver(message)
+
+    assert pipeline.smtp.auth_attempts == 2
+    assert pipeline.tokens.issued(client_id=f"client-{message['integration']}") == 2
+
+
+def test_connection_lost_after_the_body_is_never_resent(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.smtp.fail("disconnect_after_eod")
+    message = pipeline.message(integration)
+    pipeline.post(message)
+    event = pipeline.receive()
+
+    first = pipeline.run(event)
+    again = pipeline.run(event)  # the same record, redelivered
+
+    assert first == [] and again == []
+    assert len(pipeline.smtp.accepted) == 1  # the server did take it
+    status = pipeline.status(message["id"])
+    assert (status["status"], status["last_error"]["code"]) == ("failed", "delivery_uncertain")
+    letters = pipeline.dead_letters()
+    assert {letter["attributes"]["error_code"] for letter in letters} == {"delivery_uncertain"}
+
+
+# ------------------------------------------------------------------------------ retryable failures
+
+
+def _throttled(p: Pipeline) -> dict[str, Any]:
+    p.smtp.fail("eod", 432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded")
+    return p.message(p.add("microsoft"))
+
+
+def _smtp_transient(p: Pipeline) -> dict[str, Any]:
+    p.smtp.fail("mail", 451, "4.3.0 Temporary server error. Please try again later")
+    return p.message(p.add("microsoft"))
+
+
+def _token_unavailable(p: Pipeline) -> dict[str, Any]:
+    integration = p.add("oauth2")
+    p.tokens.fail_next("500", times=10)
+    return p.message(integration)
+
+
+@pytest.mark.parametrize(
+    ("code", "arrange"),
+    [
+        ("throttled", _throttled),
+        ("smtp_transient", _smtp_transient),
+        ("token_unavailable", _token_unavailable),
+    ],
+)
+def test_a_retryable_failure_goes_back_on_the_queue_after_the_first_retry_delay(
+    pipeline: Pipeline, code: str, arrange: Any
+) -> None:
+    message = arrange(pipeline)
+    before = time.time()
+
+    failed = pipeline.deliver(message)
+
+    assert len(failed) == 1
+    [delay] = pipeline.delays()
+    assert ONE_MINUTE[0] <= delay <= ONE_MINUTE[1]
+    status = pipeline.status(message["id"])
+    assert (status["status"], status["attempts"], status["last_error"]["code"]) == ("retrying", 1, code)
+    next_attempt = dt.datetime.fromisoformat(status["next_attempt_at"]).timestamp()
+    assert before + delay - 2 <= next_attempt <= time.time() + delay + 1
+    assert pipeline.queue_depth() == (0, 1)  # on the send queue, invisible until then
+    assert pipeline.dead_letters() == []
+    assert pipeline.smtp.accepted == []
+
+
+def test_a_providers_retry_after_longer_than_the_schedule_is_honoured(pipeline: Pipeline) -> None:
+    integration = pipeline.add("oauth2")
+    pipeline.tokens.fail_next("429", retry_after=300)
+    message = pipeline.message(integration)
+
+    assert len(pipeline.deliver(message)) == 1
+
+    [delay] = pipeline.delays()
+    assert 299 <= delay <= 301
+    assert pipeline.status(message["id"])["last_error"]["code"] == "token_unavailable"
+
+
+def test_aws_unavailable_is_retried_on_the_receive_count_when_no_status_can_be_kept(
+    pipeline: Pipeline,
+) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.setenv("MESSAGE_TABLE", f"missing-{pipeline.uid}")
+    message = pipeline.message(integration)
+
+    failed = pipeline.deliver(message)
+
+    assert len(failed) == 1
+    [delay] = pipeline.delays()
+    assert ONE_MINUTE[0] <= delay <= ONE_MINUTE[1]
+    assert pipeline.queue_depth() == (0, 1)
+    assert pipeline.smtp.accepted == []
+    assert pipeline.dead_letters() == []
+
+
+def test_retry_delays_grow_with_each_attempt_until_the_message_is_sent(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.smtp.fail("mail", 451, "4.3.0 Try again later", times=2)
+    message = pipeline.message(integration)
+    pipeline.post(message)
+
+    outcomes = []
+    for _ in range(3):
+        event = pipeline.receive()
+        outcomes.append(pipeline.run(event))
+        if outcomes[-1]:
+            pipeline.make_visible(event)  # the delay passes
+
+    assert [len(o) for o in outcomes] == [1, 1, 0]
+    first, second = pipeline.delays()[:2]
+    assert ONE_MINUTE[0] <= first <= ONE_MINUTE[1] and 270 <= second <= 330
+    status = pipeline.status(message["id"])
+    assert (status["status"], status["attempts"]) == ("sent", 3)
+    assert "last_error" not in status
+    assert len(pipeline.smtp.accepted) == 1
+
+
+def test_a_message_older_than_the_maximum_age_fails_as_expired_with_its_last_error(
+    pipeline: Pipeline,
+) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.setenv("MAX_MESSAGE_AGE_HOURS", "0.0001")  # 0.36 s
+    pipeline.smtp.fail("mail", 451, "4.3.0 Try again later")
+    message = pipeline.message(integration)
+    pipeline.post(message)
+    time.sleep(0.5)
+
+    assert pipeline.run(pipeline.receive()) == []
+
+    status = pipeline.status(message["id"])
+    assert (status["status"], status["last_error"]["code"]) == ("failed", "expired")
+    assert status["last_error"]["last_error"]["code"] == "smtp_transient"
+    [letter] = pipeline.dead_letters()
+    assert letter["attributes"]["error_code"] == "expired"
+    assert "smtp_transient" in letter["attributes"]["error_message"]
+    assert pipeline.queue_depth() == (0, 0)
+
+
+def test_a_throttled_reply_holds_back_the_rest_of_the_batch_without_counting_attempts(
+    pipeline: Pipeline,
+) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.smtp.fail("eod", 432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded")
+    messages = [pipeline.message(integration) for _ in range(3)]
+
+    failed = pipeline.deliver(*messages)
+
+    assert len(failed) == 3
+    statuses = [pipeline.status(m["id"]) for m in messages]
+    # The throttled one counts an attempt; the two held back were never tried and have no record.
+    assert sorted(str(s and (s["status"], s["attempts"])) for s in statuses) == [
+        "('retrying', 1)",
+        "None",
+        "None",
+    ]
+    assert len(pipeline.smtp.accepted) == 0
+    assert pipeline.smtp.auth_attempts == 1
+    assert all(d >= 54 for d in pipeline.delays())
+
+
+def test_over_the_governor_rate_a_message_waits_without_counting_an_attempt(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 1})
+    first, second = pipeline.message(integration), pipeline.message(integration)
+
+    failed = pipeline.deliver(first, second)
+
+    assert len(failed) == 1 and len(pipeline.smtp.accepted) == 1
+    waiting = second if pipeline.status(first["id"])["status"] == "sent" else first
+    assert pipeline.status(waiting["id"]) is None  # not attempted, nothing to report
+    [delay] = pipeline.delays()
+    assert 50 <= delay <= 61
+
+
+def test_a_failed_visibility_change_still_fails_the_record(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.smtp.fail("mail", 451, "4.3.0 Try again later")
+    message = pipeline.message(integration)
+    pipeline.post(message)
+    event = pipeline.receive()
+    event["Records"][0]["receiptHandle"] = "a-receipt-handle-sqs-no-longer-honours"
+
+    failed = pipeline.run(event)
+
+    assert failed == [event["Records"][0]["messageId"]]
+    assert pipeline.status(message["id"])["status"] == "retrying"
+    assert pipeline.queue_depth() == (0, 1)  # the queue's own visibility timeout applies
+
+
+def test_a_message_the_dead_letter_queue_cannot_take_stays_on_the_send_queue(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.setenv("DEAD_LETTER_QUEUE_URL", pipeline.dlq_url + "-missing")
+    message = pipeline.message(integration, **{"from": {"email": "ceo@contoso.com"}})
+
+    failed = pipeline.deliver(message)
+
+    assert len(failed) == 1
+    assert pipeline.status(message["id"])["last_error"]["code"] == "sender_not_allowed"
+    assert pipeline.queue_depth() == (0, 1)
+
+
+# ----------------------------------------------------------------------------------------- re-drive
+
+
+def redrive(p: Pipeline) -> None:
+    """What ``aws sqs start-message-move-task`` does: each dead letter back on the send queue,
+    attributes included (moto does not implement move tasks)."""
+    for letter in p.dead_letters():
+        raw = letter["raw"]
+        p.sqs.send_message(
+            QueueUrl=p.queue_url, MessageBody=raw["Body"], MessageAttributes=raw.get("MessageAttributes", {})
+        )
+        p.sqs.delete_message(QueueUrl=p.dlq_url, ReceiptHandle=raw["ReceiptHandle"])
+
+
+def test_a_redriven_message_is_sent_once_the_cause_is_fixed(pipeline: Pipeline) -> None:
+    pipeline.setenv("SECRET_MAX_AGE_SECONDS", "0")  # see the fixed integration at once, not in a minute
+    integration = pipeline.add("microsoft", mailbox={"send_as": [ALIAS]})
+    message = pipeline.message(integration, **{"from": {"email": ALIAS}})
+    pipeline.deliver(message)
+    assert pipeline.status(message["id"])["last_error"]["code"] == "sender_not_allowed"
+
+    # The operator adds the sender to the integration.
+    pipeline.add("microsoft", senders=[{"email": SENDER}, {"email": ALIAS}], mailbox={"send_as": [ALIAS]})
+    redrive(pipeline)
+    failed = pipeline.run(pipeline.receive())
+
+    assert failed == []
+    assert pipeline.status(message["id"])["status"] == "sent"
+    assert len(pipeline.smtp.accepted) == 1
+
+
+def test_an_uncertain_delivery_is_resent_only_when_an_operator_redrives_it(pipeline: Pipeline) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.smtp.fail("disconnect_after_eod")
+    message = pipeline.message(integration)
+    pipeline.deliver(message)
+
+    redrive(pipeline)
+    failed = pipeline.run(pipeline.receive())
+
+    assert failed == []
+    assert len(pipeline.smtp.accepted) == 2
+    assert pipeline.status(message["id"])["status"] == "sent"
+
+
+# ------------------------------------------------------------------------------- secrets, metrics
+
+
+def test_no_credential_appears_in_logs_status_records_or_dead_letters(
+    pipeline: Pipeline, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    microsoft = pipeline.add("microsoft")
+    basic = pipeline.add("basic")
+    pipeline.smtp.fail("eod", 550, "5.7.1 Rejected")
+    messages = [
+        pipeline.message(microsoft),
+        pipeline.message(basic),
+        pipeline.message(microsoft, to=[]),
+        pipeline.message(basic),
+    ]
+    pipeline.deliver(*messages)
+    refused = _smtp_auth_failed(pipeline)  # a token refused twice
+    pipeline.deliver(refused)
+    tokens = [runtime.token_broker().token_for(microsoft).access_token]
+
+    captured = capsys.readouterr()
+    items = pipeline.stack.client("dynamodb").scan(TableName=pipeline.env["MESSAGE_TABLE"])["Items"]
+    everything = "\n".join(
+        [
+            captured.out,
+            captured.err,
+            caplog.text,
+            json.dumps(items),
+            json.dumps([letter["raw"] for letter in pipeline.dead_letters()]),
+        ]
+    )
+    assert "MessagesSent" in captured.out and "MessagesFailed" in captured.out
+    for secret in [CLIENT_SECRET, PASSWORD, base64.b64encode(PASSWORD.encode()).decode(), *tokens]:
+        assert secret not in everything
+
+
+def test_metrics_are_emitted_per_integration(pipeline: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+    integration = pipeline.add("microsoft")
+    pipeline.smtp.fail("rcpt", 550, "5.1.1 User unknown", times=2)
+    pipeline.deliver(pipeline.message(integration), pipeline.message(integration))
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        for metric in line["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
+            by_name.setdefault(metric["Name"], []).append(line)
+
+    assert by_name["MessagesSent"][0]["integration"] == integration
+    assert by_name["MessagesFailed"][0]["code"] == "recipient_rejected"
+    assert by_name["TokenSource"][0]["source"] == "provider"
+    assert len(by_name["SmtpDurationMs"]) == 2
+    assert all(line["integration"] == integration for metric in by_name.values() for line in metric)
