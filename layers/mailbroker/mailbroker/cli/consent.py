@@ -46,6 +46,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     google.add_argument("--client-secret", metavar="SECRET|-")
     google.add_argument("--username", help="the Gmail / Workspace mailbox (login hint)")
     google.add_argument("--sender", action="append", metavar="EMAIL[=NAME]")
+    google.add_argument("--smtp-host", help="default smtp.gmail.com")
+    google.add_argument("--smtp-port", type=int, help="default 587")
+    google.add_argument("--security", choices=("starttls", "tls", "none"))
     google.add_argument("--token-uri", help=f"token endpoint (default {DEFAULT_GOOGLE_TOKEN_URI})")
     google.add_argument("--auth-uri", help=f"authorisation endpoint (default {GOOGLE_AUTH_URI})")
     google.add_argument(
@@ -122,6 +125,11 @@ def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
             document[key] = value
     if args.sender:
         document["senders"] = [parse_sender(s) for s in args.sender]
+    smtp = dict(document.get("smtp") or {})
+    for flag, key in (("smtp_host", "host"), ("smtp_port", "port"), ("security", "security")):
+        if getattr(args, flag):
+            smtp[key] = getattr(args, flag)
+    document["smtp"] = smtp
     document.setdefault("token_uri", DEFAULT_GOOGLE_TOKEN_URI)
     missing = [
         f"--{k.replace('_', '-')}" for k in ("client_id", "client_secret", "username") if not document.get(k)

@@ -15,9 +15,11 @@ machine-readable output for every command.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from mailbroker.cli.context import CliError, Context
 from mailbroker.cli.output import Output
@@ -75,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Output(as_json=getattr(args, "json", False))
     try:
         ctx = Context(stack=getattr(args, "stack", None))
-        return int(args.handler(args, ctx, out))
+        with function_logs_on_stderr():
+            return int(args.handler(args, ctx, out))
     except CliError as exc:
         out.error(exc.code, exc.message, exc.hint)
         return 2
@@ -89,6 +92,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:
         return report_failure(exc, out)
+
+
+@contextlib.contextmanager
+def function_logs_on_stderr() -> Iterator[None]:
+    """The domain code logs JSON for CloudWatch; on a terminal only its warnings matter, and they
+    go to stderr so that stdout stays clean for --json (MAILBROKER_LOG_LEVEL=INFO shows more)."""
+    from mailbroker.observability import logger
+
+    handler = logger.registered_handler
+    stream_handler = handler if isinstance(handler, logging.StreamHandler) else None
+    level = logger.log_level
+    previous = stream_handler.stream if stream_handler else None
+    if stream_handler is not None:
+        stream_handler.stream = sys.stderr  # not setStream(): it would flush a stream that may be closed
+    logger.setLevel(os.environ.get("MAILBROKER_LOG_LEVEL", "WARNING").upper())
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if stream_handler is not None:
+            stream_handler.stream = previous
 
 
 def report_failure(exc: Exception, out: Output) -> int:

@@ -1,0 +1,493 @@
+"""The ``mailbroker`` command line against the sandbox: Secrets Manager, DynamoDB and SQS on moto
+server, the sandbox's Entra ID / Google / OAuth2 endpoints and its SMTP server. Commands run
+in-process through ``main(argv)``; their output is read as a person or a script would."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import uuid
+import webbrowser
+
+import pytest
+import requests
+from mailbroker import runtime
+from mailbroker.cli.main import main
+from mailbroker.integrations import IntegrationStore, parse_integration
+from mailbroker.sandbox.aws import provision
+from mailbroker.sandbox.local import LambdaContext
+
+
+class Cli:
+    """A sandbox deployment with its own secret prefix, and a way to run commands against it."""
+
+    def __init__(self, stack, tokens, smtp, capsys) -> None:
+        self.stack = stack
+        self.tokens = tokens
+        self.smtp = smtp
+        self.capsys = capsys
+        self.store = IntegrationStore(
+            stack.client("secretsmanager"), stack.parameters["SecretPrefix"], max_age=0
+        )
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = main(list(argv))
+        captured = self.capsys.readouterr()
+        return code, captured.out, captured.err
+
+    def json(self, *argv: str) -> tuple[int, object]:
+        code, out, _ = self(*argv, "--json")
+        return code, json.loads(out)
+
+    @property
+    def smtp_flags(self) -> list[str]:
+        return ["--smtp-host", "127.0.0.1", "--smtp-port", str(self.smtp.port)]
+
+    def microsoft(self, integration_id: str, *, roles=("SMTP.SendAsApp",), audience="https://outlook.office.com",
+                  wrong_secret=False, auth_disabled=False) -> dict:  # fmt: skip
+        tenant, app, secret = str(uuid.uuid4()), str(uuid.uuid4()), secrets.token_urlsafe(16)
+        self.tokens.register_microsoft_app(tenant, app, secret, roles=roles, audience=audience)
+        mailbox = f"{integration_id}@contoso.example"
+        self.smtp.add_mailbox(mailbox, allowed_clients=[app], smtp_auth_disabled=auth_disabled)
+        document = {
+            "id": integration_id,
+            "provider": "microsoft",
+            "smtp": {"host": "127.0.0.1", "port": self.smtp.port, "timeout_seconds": 5},
+            "username": mailbox,
+            "tenant_id": tenant,
+            "client_id": app,
+            "client_secret": "wrong-" + secret if wrong_secret else secret,
+            "authority": self.tokens.microsoft_authority(),
+        }
+        self.store.put(parse_integration(document))
+        return document
+
+    def google_client(self) -> tuple[str, str]:
+        client_id, client_secret = f"{uuid.uuid4().hex}.apps.example", "GOCSPX-" + secrets.token_urlsafe(16)
+        self.tokens.register_google_client(client_id, client_secret)
+        return client_id, client_secret
+
+    def run_sender_once(self) -> dict:
+        """What the SQS event source mapping does once: receive a batch, invoke, delete successes."""
+        from sender.app import lambda_handler
+
+        sqs = self.stack.client("sqs")
+        settings = self.stack.function_settings("SenderFunction")
+        messages = sqs.receive_message(
+            QueueUrl=settings["queue_url"], MaxNumberOfMessages=10, WaitTimeSeconds=1, AttributeNames=["All"]
+        ).get("Messages", [])
+        records = [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": settings["queue_arn"],
+                "awsRegion": "us-east-1",
+            }
+            for m in messages
+        ]
+        context = LambdaContext("sender", 512, 90, "arn:aws:lambda:us-east-1:123456789012:function:sender")
+        answer = lambda_handler({"Records": records}, context)
+        failed = {f["itemIdentifier"] for f in answer.get("batchItemFailures", [])}
+        for message in messages:
+            if message["MessageId"] not in failed:
+                sqs.delete_message(QueueUrl=settings["queue_url"], ReceiptHandle=message["ReceiptHandle"])
+        return {"received": len(messages), "failed": sorted(failed)}
+
+
+@pytest.fixture
+def cli(moto_server, template, aws_env, ca_trust_env, token_server, smtp_server, monkeypatch, capsys):
+    stack = provision(
+        template,
+        endpoint_url=moto_server.endpoint_url,
+        parameters={"SecretPrefix": f"cli-{secrets.token_hex(4)}/"},
+    )
+    env = {}
+    for function in ("TokenBrokerFunction", "SenderFunction", "KeeperFunction"):
+        env.update(stack.function_env(function))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NO_COLOR", "1")
+    runtime.reset()
+    tool = Cli(stack, token_server, smtp_server(), capsys)
+    yield tool
+    for integration_id in tool.store.list_ids():
+        tool.store.delete(integration_id)
+    stack.delete()
+    runtime.reset()
+
+
+# --- integration add | list | show | remove --------------------------------------------------------
+
+
+def test_add_from_flags_writes_a_valid_integration_that_list_and_show_report(cli):
+    code, out, _ = cli(
+        "integration", "add", "relay", "--provider", "basic", "--username", "alerts@relay.example",
+        *cli.smtp_flags, "--password", "hunter2-secret", "--sender", "alerts@relay.example=Alerts",
+    )  # fmt: skip
+
+    assert code == 0 and "integration relay (basic) written" in out
+    listing_code, listing = cli.json("integration", "list")
+    assert listing_code == 0
+    assert [(row["id"], row["provider"], row["valid"]) for row in listing] == [("relay", "basic", True)]
+    show_code, shown, _ = cli("integration", "show", "relay")
+    assert show_code == 0
+    assert "senders: Alerts <alerts@relay.example>" in shown
+    assert "hunter2-secret" not in shown and "password: **********" in shown
+
+
+def test_show_redacts_every_secret_field_in_json(cli):
+    document = cli.microsoft("m365")
+
+    code, shown = cli.json("integration", "show", "m365")
+
+    assert code == 0
+    assert shown["client_id"] == document["client_id"]
+    assert shown["client_secret"] == "**********"
+    assert document["client_secret"] not in json.dumps(shown)
+
+
+def test_add_refuses_an_invalid_integration_naming_each_problem(cli):
+    code, out, err = cli(
+        "integration", "add", "broken", "--provider", "microsoft", "--username", "a@contoso.example",
+        "--smtp-host", "smtp.example.com", "--security", "none", "--client-id", "app",
+    )  # fmt: skip
+
+    assert code == 2 and out == ""
+    assert "nothing was written" in err
+    for problem in (
+        "smtp (--smtp-host/--security)",
+        "tenant_id (--tenant-id)",
+        "client_secret (--client-secret)",
+    ):
+        assert problem in err
+    assert cli.store.list_ids() == []
+
+
+def test_add_from_file_refuses_to_overwrite_without_replace(cli, tmp_path):
+    document = cli.microsoft("m365")
+    path = tmp_path / "m365.json"
+    path.write_text(json.dumps({**document, "senders": [{"email": "news@contoso.example"}]}))
+
+    refused, _, err = cli("integration", "add", "--from-file", str(path))
+    replaced, _, _ = cli("integration", "add", "--from-file", str(path), "--replace")
+
+    assert refused == 2 and "already exists" in err
+    assert replaced == 0
+    assert [s.email for s in cli.store.get("m365").senders] == ["news@contoso.example"]
+
+
+def test_remove_deletes_the_secret(cli):
+    cli.microsoft("gone")
+
+    code, out, _ = cli("integration", "remove", "gone", "--yes")
+
+    assert code == 0 and "deleted" in out
+    assert cli.store.list_ids() == []
+
+
+# --- doctor ------------------------------------------------------------------------------------------
+
+
+def doctor_steps(cli, integration_id: str) -> tuple[int, dict[str, dict]]:
+    code, report = cli.json("doctor", integration_id)
+    return code, {step["name"]: step for step in report["steps"]}
+
+
+def test_doctor_passes_every_step_for_a_good_microsoft_integration(cli):
+    cli.microsoft("good")
+
+    code, out, _ = cli("doctor", "good")
+
+    assert code == 0
+    for name in ("secret", "token", "audience", "role", "tenant", "connect", "tls", "ehlo", "auth", "quit"):
+        assert f"✓ {name}" in out
+    assert "✗" not in out and "all checks passed" in out
+    assert cli.smtp.accepted == []  # no mail is sent
+
+
+def test_doctor_names_a_wrong_client_secret_at_the_token_step(cli):
+    cli.microsoft("wrong-secret", wrong_secret=True)
+
+    code, steps = doctor_steps(cli, "wrong-secret")
+
+    assert code == 1
+    assert steps["secret"]["ok"] is True
+    assert steps["token"]["ok"] is False and steps["token"]["code"] == "token_invalid_client"
+    assert "AADSTS7000215" in steps["token"]["hint"]
+    assert steps["auth"]["ok"] is None  # not attempted after the token failed
+
+
+def test_doctor_names_a_missing_send_as_app_role(cli):
+    cli.microsoft("no-role", roles=())
+
+    code, steps = doctor_steps(cli, "no-role")
+
+    assert code == 1
+    assert steps["role"]["ok"] is False and "SMTP.SendAsApp" in steps["role"]["hint"]
+    assert steps["audience"]["ok"] is True
+    assert steps["auth"]["ok"] is False and steps["auth"]["code"] == "smtp_auth_failed"
+
+
+def test_doctor_names_smtp_auth_disabled_with_the_powershell_fix(cli):
+    cli.microsoft("disabled", auth_disabled=True)
+
+    code, out, _ = cli("doctor", "disabled")
+
+    assert code == 1
+    assert "✓ token" in out and "✓ ehlo" in out
+    assert "✗ auth" in out and "535 5.7.139" in out
+    assert "Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false" in out
+
+
+def test_doctor_names_a_token_for_the_wrong_audience(cli):
+    cli.microsoft("graph", audience="https://graph.microsoft.com")
+
+    code, steps = doctor_steps(cli, "graph")
+
+    assert code == 1
+    assert steps["audience"]["ok"] is False
+    assert "https://graph.microsoft.com" in steps["audience"]["detail"]
+    assert "https://outlook.office365.com/.default" in steps["audience"]["hint"]
+
+
+def test_doctor_names_an_unknown_integration(cli):
+    code, steps = doctor_steps(cli, "nobody")
+
+    assert code == 1
+    assert steps["secret"]["code"] == "unknown_integration"
+
+
+# --- consent google ------------------------------------------------------------------------------------
+
+
+class BrowserStandIn(webbrowser.BaseBrowser):
+    """Opens the consent URL as a browser would: GET, follow the redirect to the loopback server."""
+
+    def __init__(self, ca_file: str) -> None:
+        super().__init__("mailbroker-test-browser")
+        self.ca_file = ca_file
+        self.landed: list[str] = []
+        self.failures: list[BaseException] = []
+
+    def open(self, url: str, new: int = 0, autoraise: bool = True) -> bool:
+        def visit() -> None:
+            with requests.Session() as browser:
+                browser.trust_env = False
+                try:
+                    answer = browser.get(url, verify=self.ca_file, timeout=10)
+                    self.landed.append(answer.url)
+                except requests.RequestException as exc:
+                    self.failures.append(exc)
+
+        threading.Thread(target=visit, daemon=True).start()
+        return True
+
+
+@pytest.fixture
+def browser(sandbox_ca):
+    stand_in = BrowserStandIn(str(sandbox_ca.ca_cert))
+    webbrowser.register(stand_in.name, None, stand_in)
+    return stand_in
+
+
+def test_consent_google_stores_the_refresh_token_and_doctor_then_passes(cli, browser):
+    client_id, client_secret = cli.google_client()
+    cli.smtp.add_mailbox("ana@gmail.example")
+
+    code, out, err = cli(
+        "consent", "google", "gmail", "--client-id", client_id, "--client-secret", client_secret,
+        "--username", "ana@gmail.example", "--token-uri", cli.tokens.google_token_uri, *cli.smtp_flags,
+        "--browser", browser.name, "--timeout", "10",
+    )  # fmt: skip
+
+    assert code == 0, err
+    assert "refresh token stored" in out
+    assert "7 days" in err and "Testing" in err  # the Testing-status warning
+    assert browser.landed and browser.landed[0].startswith("http://localhost:")
+    integration = cli.store.get("gmail")
+    assert integration.refresh_token.get_secret_value().startswith("1//")
+    assert integration.refresh_token.get_secret_value() not in out + err
+    doctor_code, steps = doctor_steps(cli, "gmail")
+    assert doctor_code == 0 and steps["scope"]["ok"] is True
+
+
+def test_consent_google_renews_the_refresh_token_of_an_existing_integration(cli, browser):
+    client_id, client_secret = cli.google_client()
+    dead = cli.tokens.issue_refresh_token(client_id, "bo@gmail.example")
+    cli.tokens.revoke_refresh_token(dead)
+    cli.store.put(
+        parse_integration(
+            {
+                "id": "bo",
+                "provider": "google",
+                "smtp": {"host": "127.0.0.1", "port": cli.smtp.port},
+                "username": "bo@gmail.example",
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "refresh_token": dead,
+                "token_uri": cli.tokens.google_token_uri,
+            }
+        )
+    )
+
+    code, _, err = cli("consent", "google", "bo", "--browser", browser.name, "--timeout", "10")
+
+    assert code == 0, err
+    renewed = cli.store.get("bo").refresh_token.get_secret_value()
+    assert renewed != dead
+    assert cli.tokens.issued(provider="google", client_id=client_id) >= 1
+
+
+def test_consent_refused_in_the_browser_stores_nothing(cli, browser, token_server):
+    client_id, client_secret = cli.google_client()
+    token_server.deny_consent = True
+
+    code, _, err = cli(
+        "consent", "google", "refused", "--client-id", client_id, "--client-secret", client_secret,
+        "--username", "x@gmail.example", "--token-uri", cli.tokens.google_token_uri,
+        "--browser", browser.name, "--timeout", "10",
+    )  # fmt: skip
+
+    assert code == 2 and "refused" in err
+    assert cli.store.list_ids() == []
+
+
+# --- setup microsoft -----------------------------------------------------------------------------------
+
+
+def test_setup_microsoft_prints_consent_url_and_powershell_with_the_values_filled_in(cli):
+    document = cli.microsoft("m365")
+    object_id = str(uuid.uuid4())
+
+    code, out, _ = cli("setup", "microsoft", "m365", "--object-id", object_id)
+
+    assert code == 0
+    assert (
+        f"{document['authority']}/{document['tenant_id']}/adminconsent?client_id={document['client_id']}"
+        in out
+    )
+    assert f'New-ServicePrincipal -AppId "{document["client_id"]}" -ObjectId "{object_id}"' in out
+    assert (
+        f'Add-MailboxPermission -Identity "m365@contoso.example" -User "{object_id}" -AccessRights FullAccess'
+        in out
+    )
+    assert f'Add-RecipientPermission -Identity "m365@contoso.example" -Trustee "{object_id}"' in out
+    assert 'Set-CASMailbox -Identity "m365@contoso.example" -SmtpClientAuthenticationDisabled $false' in out
+
+
+def test_setup_microsoft_without_object_id_says_which_object_id_to_use(cli):
+    cli.microsoft("m365")
+
+    code, out, _ = cli("setup", "microsoft", "m365")
+
+    assert code == 0
+    assert "-ObjectId <Enterprise Application object id>" in out
+    assert "NOT the object id on the App registration" in out
+
+
+# --- send | status | dlq ------------------------------------------------------------------------------
+
+
+def test_send_queues_a_message_and_status_follows_it_to_sent(cli):
+    cli.microsoft("m365")
+
+    code, queued = cli.json(
+        "send", "-i", "m365", "--id", "hello-1", "--from", "m365@contoso.example",
+        "--to", "ana@example.com", "--subject", "Hello", "--text", "Hi Ana",
+    )  # fmt: skip
+    before_code, before = cli.json("status", "hello-1")
+    cli.run_sender_once()
+    after_code, after = cli.json("status", "hello-1")
+
+    assert code == 0 and queued == {"id": "hello-1", "status": "queued"}
+    assert before_code == 0 and before["status"] == "queued"
+    assert after_code == 0 and after["status"] == "sent" and after["reply"].startswith("250 ")
+    assert cli.smtp.accepted[-1].rcpt_tos == ["ana@example.com"]
+
+
+def test_send_refuses_an_invalid_message_naming_each_problem(cli):
+    cli.microsoft("m365")
+
+    code, out, err = cli("send", "-i", "m365", "--from", "not-an-address", "--subject", "x")
+
+    assert code == 2 and out == ""
+    assert "nothing was queued" in err and "from" in err and "to" in err
+
+
+def test_send_wait_polls_until_the_message_is_sent(cli):
+    cli.microsoft("m365")
+    worker = threading.Timer(0.3, cli.run_sender_once)
+    worker.start()
+
+    code, out, _ = cli(
+        "send", "-i", "m365", "--id", "wait-1", "--from", "m365@contoso.example", "--to", "bo@example.com",
+        "--subject", "Waited", "--text", "body", "--wait", "--timeout", "20",
+    )  # fmt: skip
+    worker.join()
+
+    assert code == 0
+    assert "status: sent" in out and "reply: 250 " in out
+
+
+def test_dlq_list_shows_the_error_and_redrive_sends_it_once_fixed(cli):
+    document = cli.microsoft("m365")
+    cli.store.put(parse_integration({**document, "senders": [{"email": "billing@contoso.example"}]}))
+    cli(
+        "send", "-i", "m365", "--id", "invoice-9", "--from", "billing@contoso.example",
+        "--to", "ana@example.com", "--subject", "Invoice", "--text", "attached",
+    )  # fmt: skip
+    cli.run_sender_once()  # 554 5.2.0 SendAsDenied: dead-lettered
+
+    list_code, entries = cli.json("dlq", "list")
+    cli.smtp.add_mailbox(
+        document["username"], allowed_clients=[document["client_id"]], send_as=["billing@contoso.example"]
+    )
+    redrive_code, redriven = cli.json("dlq", "redrive", "--id", "invoice-9")
+    cli.run_sender_once()
+    _, after = cli.json("status", "invoice-9")
+    _, left = cli.json("dlq", "list")
+
+    assert list_code == 0
+    assert [(e["message_id"], e["integration"], e["error_code"]) for e in entries] == [
+        ("invoice-9", "m365", "send_as_denied")
+    ]
+    assert "Add-RecipientPermission" in entries[0]["hint"]
+    assert redrive_code == 0 and redriven["results"] == [
+        {"message_id": "invoice-9", "redriven": True, "status": "queued"}
+    ]
+    assert after["status"] == "sent"
+    assert left == []
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+def test_list_prints_an_aligned_table_with_health_and_no_colour_off_a_terminal(cli):
+    cli.microsoft("first")
+    cli.microsoft("second-with-longer-id")
+
+    code, out, _ = cli("integration", "list")
+
+    header, *rows = out.strip().splitlines()
+    assert code == 0 and "\x1b[" not in out
+    assert header.split() == ["ID", "PROVIDER", "USERNAME", "SMTP", "HEALTH", "CHECKED", "LAST", "ERROR"]
+    assert len(rows) == 2
+    assert {row.index("microsoft") for row in rows} == {header.index("PROVIDER")}
+    assert all("unknown" in row for row in rows)  # the keeper has not run yet
+
+
+def test_commands_without_configuration_say_what_to_set(cli, monkeypatch):
+    monkeypatch.delenv("SEND_QUEUE_URL")
+    monkeypatch.delenv("MAILBROKER_STACK", raising=False)
+
+    code, _, err = cli("send", "-i", "x", "--to", "a@example.com")
+
+    assert code == 2
+    assert "SEND_QUEUE_URL is not set" in err and "--stack" in err
