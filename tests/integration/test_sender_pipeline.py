@@ -782,6 +782,28 @@ def test_a_message_older_than_the_maximum_age_fails_as_expired_with_its_last_err
     assert pipeline.queue_depth() == (0, 0)
 
 
+def test_a_retryable_failure_on_the_last_receive_sqs_allows_is_dead_lettered_with_its_error(
+    pipeline: Pipeline,
+) -> None:
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration)
+    pipeline.post(message)
+    for _ in range(9):  # nine earlier receives whose outcome never reached the queue
+        pipeline.make_visible(pipeline.receive())
+    pipeline.smtp.fail("mail", 451, "4.3.0 Try again later")
+    event = pipeline.receive()
+    assert event["Records"][0]["attributes"]["ApproximateReceiveCount"] == "10"  # the template's limit
+
+    assert pipeline.run(event) == []
+
+    status = pipeline.status(message["id"])
+    assert (status["status"], status["last_error"]["code"]) == ("failed", "expired")
+    assert "maxReceiveCount" in status["last_error"]["message"]
+    assert status["last_error"]["last_error"]["code"] == "smtp_transient"
+    [letter] = pipeline.dead_letters()
+    assert letter["attributes"]["error_code"] == "expired"
+
+
 def test_a_throttled_reply_holds_back_the_rest_of_the_batch_without_counting_attempts(
     pipeline: Pipeline,
 ) -> None:

@@ -72,12 +72,14 @@ class RetryLater(Exception):
 
 
 class _Deferred(Exception):
-    """Not an attempt: put the message back for ``retry_after`` seconds, attempts unchanged."""
+    """Not an attempt: put the message back for ``retry_after`` seconds, attempts unchanged.
+    ``code`` is what the wait is reported as if the queue allows no further receive."""
 
-    def __init__(self, retry_after: float, reason: str) -> None:
+    def __init__(self, retry_after: float, reason: str, *, code: str = "smtp_transient") -> None:
         super().__init__(reason)
         self.retry_after = retry_after
         self.reason = reason
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,11 @@ class Delivery:
         attempt = _Attempt(message_id=item.sqs_message_id)
         try:
             return self._deliver(item, attempt)
-        except (_Deferred, GovernorDelay) as delay:
-            return self._put_back(item, attempt, delay.retry_after, delay.reason)
+        except _Deferred as delay:
+            return self._put_back(item, attempt, delay.retry_after, delay.reason, delay.code)
+        except GovernorDelay as delay:
+            reason = f"the integration's {delay.reason} limit is reached"
+            return self._put_back(item, attempt, delay.retry_after, reason, "throttled")
         except MailbrokerError as exc:
             if exc.retryable:
                 return self._retry(item, attempt, exc)
@@ -325,7 +330,9 @@ class Delivery:
             attempt.before = attempt.seen
         attempt.loaded = True
 
-    def _put_back(self, item: QueuedRecord, attempt: _Attempt, seconds: float, reason: str) -> str:
+    def _put_back(self, item: QueuedRecord, attempt: _Attempt, seconds: float, reason: str, code: str) -> str:
+        if self._last_receive(item):
+            return self._expire(item, attempt, MailbrokerError(reason, code=code), item.receive_count)
         delay = max(1, math.ceil(seconds))
         self.queue.delay(item.receipt_handle, delay)
         logger.info(
@@ -339,7 +346,7 @@ class Delivery:
         seen = attempt.seen
         attempts = attempts_so_far(seen, now) + 1 if attempt.loaded else item.receive_count
         started = self._cycle_start(item, attempt.before, now)
-        if is_expired(started, now, max_age_seconds=self.max_message_age_seconds):
+        if is_expired(started, now, max_age_seconds=self.max_message_age_seconds) or self._last_receive(item):
             return self._expire(item, attempt, error, attempts)
 
         delay = retry_delay(attempts, retry_after=error.retry_after, uniform=self._uniform)
@@ -388,11 +395,20 @@ class Delivery:
             return now if before.is_live(now) else start
         return max(start, before.cycle_started_at)
 
+    def _last_receive(self, item: QueuedRecord) -> bool:
+        """True when SQS would move the message to the dead-letter queue on its next receive
+        (the send queue's maxReceiveCount): better to dead-letter it here, with its error."""
+        limit = self.queue.max_receive_count()
+        return limit is not None and item.receive_count >= limit
+
     def _expire(self, item: QueuedRecord, attempt: _Attempt, error: MailbrokerError, attempts: int) -> str:
         hours = self.max_message_age_seconds / 3600
+        if self._last_receive(item):
+            why = f"received {item.receive_count} times, the send queue's maxReceiveCount"
+        else:
+            why = f"older than {hours:g} h"
         expired = MailbrokerError(
-            f"still failing after {attempts} attempts and {hours:g} h; "
-            f"last error {error.code}: {error.message}",
+            f"still failing after {attempts} attempts, {why}; last error {error.code}: {error.message}",
             code="expired",
         )
         return self._give_up(item, attempt, expired, last_error=error)
@@ -571,7 +587,7 @@ class SessionPool:
     def session_for(self, integration: Any) -> Any:
         held = self._held_until.get(integration.id)
         if held and held[0] > self._clock():
-            raise _Deferred(held[0] - self._clock(), held[1])
+            raise _Deferred(held[0] - self._clock(), held[1], code="throttled")
         if integration.id in self._broken:
             raise self._broken[integration.id]
         entry = self._open.get(integration.id)

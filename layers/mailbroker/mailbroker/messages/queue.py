@@ -99,6 +99,8 @@ def _queue_body(raw: str | bytes | Mapping[str, Any], message_id: str, *, has_id
 
 # SQS message attributes are limited to 256 KiB with the body; keep the error's text short.
 _ATTRIBUTE_CHARS = 1024
+# maxReceiveCount per send queue URL, read once per execution environment.
+_MAX_RECEIVES: dict[str, int | None] = {}
 
 
 class QueueActions:
@@ -109,6 +111,22 @@ class QueueActions:
         self._sqs = sqs_client
         self.queue_url = queue_url
         self.dead_letter_queue_url = dead_letter_queue_url
+
+    def max_receive_count(self) -> int | None:
+        """The send queue's ``maxReceiveCount`` (its redrive policy), read once per environment;
+        None when it has none or it cannot be read."""
+        if self.queue_url not in _MAX_RECEIVES:
+            try:
+                attributes = self._sqs.get_queue_attributes(
+                    QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy"]
+                ).get("Attributes", {})
+                policy = json.loads(attributes.get("RedrivePolicy") or "{}")
+                _MAX_RECEIVES[self.queue_url] = int(policy["maxReceiveCount"]) if policy else None
+            except Exception as exc:
+                code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+                logger.warning("could not read the send queue's redrive policy", extra={"aws_error": code})
+                return None
+        return _MAX_RECEIVES[self.queue_url]
 
     def delay(self, receipt_handle: str, seconds: int) -> bool:
         """Make the message visible again in ``seconds``. False if SQS refused (the queue's own
