@@ -24,9 +24,10 @@ def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
     # were dead-lettered on purpose, and count as a function error.
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
     try:
-        return process_partial_response(
+        answer = process_partial_response(
             event=event, record_handler=delivery.handle_record, processor=processor, context=context
         )
+        return dict(answer)
     finally:
         delivery.close()
 
