@@ -11,6 +11,7 @@ Every failure leaves here as a classified ``TokenError``; nothing here logs or r
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 import threading
 from typing import Any
@@ -126,6 +127,11 @@ def _refuse_forbidden_host(url: str) -> None:
         )
 
 
+def _status_in(text: str) -> int | None:
+    match = re.search(r"HTTP Error: (\d{3})", text)
+    return int(match.group(1)) if match else None
+
+
 def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -191,6 +197,17 @@ class TokenProviders:
             result = app.acquire_token_for_client(scopes=[integration.scope])
         except (requests.RequestException, ValueError, OSError) as exc:
             raise self._transport_error(exc, "microsoft") from None
+        except Exception as exc:
+            from msal.exceptions import MsalServiceError
+
+            if not isinstance(exc, MsalServiceError):
+                raise
+            # An error answer that is not JSON (a 5xx or 429 page): MSAL raises "HTTP Error: <status>"
+            # instead of returning a result, and replays it from its throttling cache for a while.
+            status = _status_in(str(exc)) or self._session.last_status
+            raise classify_token_error(
+                status=status, retry_after=self._session.last_retry_after, provider="microsoft"
+            ) from None
         if "access_token" in result:
             return IssuedToken(result["access_token"], float(result.get("expires_in", 3600)))
         raise classify_token_error(
