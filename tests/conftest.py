@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.token_endpoints",
     "tests.fixtures.smtp",
     "tests.fixtures.aws",
+    "tests.fixtures.pipeline",
 ]
 
 
