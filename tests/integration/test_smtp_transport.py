@@ -718,3 +718,21 @@ def test_check_reports_an_untrusted_certificate_at_the_tls_step(start: Any, sand
     steps = run_check(endpoint(server), USER, XOAuth2Auth(TokenSource("x")), sandbox_ca.client_context())
 
     assert [(s.name, s.ok, s.code) for s in steps] == [("connect", True, None), ("tls", False, "tls_failed")]
+
+
+def test_check_fails_at_ehlo_when_the_server_does_not_offer_xoauth2(
+    idle_closing_server: IdleClosingServer,
+) -> None:
+    # Given a server offering AUTH PLAIN and LOGIN only
+    server = idle_closing_server
+    endpoint = SmtpEndpoint(host="127.0.0.1", port=server.port, security="none", timeout_seconds=5)
+    source = TokenSource("ya29.never-sent")
+
+    # When an XOAUTH2 integration is checked against it
+    steps = run_check(endpoint, USER, XOAuth2Auth(source))
+
+    # Then the EHLO step says so, and no token was fetched
+    assert [(s.name, s.ok) for s in steps] == [("connect", True), ("tls", True), ("ehlo", False)]
+    assert steps[-1].code == "smtp_auth_failed"
+    assert "PLAIN" in steps[-1].detail
+    assert source.calls == []

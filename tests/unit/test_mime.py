@@ -7,6 +7,7 @@ import datetime as dt
 import email
 import hashlib
 import re
+import sys
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -317,6 +318,14 @@ def _lines(text: str) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+# CPython before 3.11.9 / 3.12.3 encodes the separating comma when it folds an address list with
+# encoded display names (python/cpython#100884, CVE-2025-1795): the header loses recipients.
+_FOLDS_ADDRESS_LISTS_BADLY = sys.version_info < (3, 11, 9) or (3, 12) <= sys.version_info < (3, 12, 3)
+
+
+@pytest.mark.skipif(
+    _FOLDS_ADDRESS_LISTS_BADLY, reason="stdlib address-list folding bug, python/cpython#100884"
+)
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(valid_messages)
 def test_any_valid_message_builds_and_parses_back_to_the_same_content(data: dict[str, Any]) -> None:

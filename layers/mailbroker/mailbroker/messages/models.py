@@ -204,6 +204,8 @@ def _base64_content(value: Any) -> bytes:
     compact = "".join(value.split())
     if len(compact) > math.ceil(MAX_ATTACHMENT_BYTES / 3) * 4 + 4:
         raise ValueError(f"decodes to more than {MAX_ATTACHMENT_BYTES // (1024 * 1024)} MiB")
+    if len(compact) % 4:  # padded base64 comes in quads (older Pythons accept stray padding)
+        raise ValueError("is not valid base64")
     try:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
