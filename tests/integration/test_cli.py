@@ -16,7 +16,7 @@ from mailbroker import runtime
 from mailbroker.cli.main import main
 from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.sandbox.aws import provision
-from mailbroker.sandbox.local import LambdaContext
+from mailbroker.sandbox.local import LambdaContext, powertools_from_env
 
 
 class Cli:
@@ -115,6 +115,7 @@ def cli(moto_server, template, aws_env, ca_trust_env, token_server, smtp_server,
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("NO_COLOR", "1")
     runtime.reset()
+    powertools_from_env(env)
     tool = Cli(stack, token_server, smtp_server(), capsys)
     yield tool
     for integration_id in tool.store.list_ids():

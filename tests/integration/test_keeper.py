@@ -5,6 +5,7 @@ server. Alerts are read the way an operator gets them: an SQS queue subscribed t
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import time
@@ -15,7 +16,7 @@ import pytest
 from mailbroker import runtime
 from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.sandbox.aws import provision
-from mailbroker.sandbox.local import LambdaContext
+from mailbroker.sandbox.local import LambdaContext, powertools_from_env
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 
@@ -162,6 +163,7 @@ def deployment(moto_server, template, aws_env, ca_trust_env, token_server, smtp_
     }.items():
         monkeypatch.setenv(name, value)
     runtime.reset()
+    powertools_from_env(os.environ)
     deployed = Deployment(stack, token_server, smtp_server())
     yield deployed
     for integration_id in deployed.store.list_ids():

@@ -85,3 +85,37 @@ class Context:
         return {
             STACK_OUTPUTS[key]: o["OutputValue"] for o in outputs if (key := o["OutputKey"]) in STACK_OUTPUTS
         }
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str, str] | None:
+    """(code, message, hint) for a classified error or an AWS client problem; None for a bug."""
+    from mailbroker.errors import MailbrokerError
+
+    if isinstance(exc, MailbrokerError):
+        return exc.code, exc.message, exc.hint
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return None
+    if isinstance(exc, NoRegionError):
+        return (
+            "aws_unavailable",
+            "no AWS region is configured",
+            "Set AWS_DEFAULT_REGION (or AWS_REGION), or use a profile with a region.",
+        )
+    if isinstance(exc, NoCredentialsError):
+        return (
+            "aws_unavailable",
+            "no AWS credentials were found",
+            "Set AWS_PROFILE, or run 'aws sso login' / 'aws configure'.",
+        )
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return (
+            "aws_unavailable",
+            f"{exc.operation_name} failed: {error.get('Code')}: {error.get('Message', '')}".strip(),
+            "Check the AWS account, region and permissions (or AWS_ENDPOINT_URL for the sandbox).",
+        )
+    if isinstance(exc, BotoCoreError):
+        return "aws_unavailable", str(exc), "Check the network and AWS_ENDPOINT_URL."
+    return None

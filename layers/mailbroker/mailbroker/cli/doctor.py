@@ -96,8 +96,11 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
     try:
         integration = ctx.integrations.get(integration_id)
     except Exception as exc:
+        from mailbroker.cli.context import describe_failure
+
         error = classify_exception(exc)
-        yield Step("secret", False, error.message, error.code, error.hint)
+        code, message, hint = describe_failure(exc) or (error.code, error.message, error.hint)
+        yield Step("secret", False, message, code, hint)
         yield from _skipped("secret")
         return
     yield Step(

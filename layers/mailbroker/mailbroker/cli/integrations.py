@@ -208,7 +208,7 @@ def read_json(path: str, stdin: Any = None) -> Any:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     try:
         return json.loads(raw)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise CliError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
 
 

@@ -116,39 +116,13 @@ def function_logs_on_stderr() -> Iterator[None]:
 
 
 def report_failure(exc: Exception, out: Output) -> int:
-    from mailbroker.errors import MailbrokerError
+    from mailbroker.cli.context import describe_failure
 
-    if isinstance(exc, MailbrokerError):
-        out.error(exc.code, exc.message, exc.hint)
-        return 1
-    aws = _aws_problem(exc)
-    if aws is not None:
-        out.error("aws_unavailable", *aws)
-        return 1
-    raise exc
-
-
-def _aws_problem(exc: Exception) -> tuple[str, str] | None:
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
-    except ImportError:  # pragma: no cover - boto3 is a dependency
-        return None
-    if isinstance(exc, NoRegionError):
-        return (
-            "no AWS region is configured",
-            "Set AWS_REGION (or AWS_DEFAULT_REGION), or use a profile with one.",
-        )
-    if isinstance(exc, NoCredentialsError):
-        return "no AWS credentials were found", "Set AWS_PROFILE, or run 'aws sso login' / 'aws configure'."
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        return (
-            f"{exc.operation_name} failed: {error.get('Code')}: {error.get('Message', '')}".strip(),
-            "Check the AWS account, region and permissions (or AWS_ENDPOINT_URL for the sandbox).",
-        )
-    if isinstance(exc, BotoCoreError):
-        return str(exc), "Check the network and AWS_ENDPOINT_URL."
-    return None
+    described = describe_failure(exc)
+    if described is None:
+        raise exc
+    out.error(*described)
+    return 1
 
 
 def list_errors(args: argparse.Namespace, ctx: Context, out: Output) -> int:

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -187,6 +188,7 @@ class Sandbox:
         from mailbroker import runtime
 
         runtime.reset()
+        powertools_from_env(union)
         self.env = union
         return union
 
@@ -281,7 +283,7 @@ class Sandbox:
     def alerts(self) -> list[dict[str, Any]]:
         """Alerts delivered to the operator queue so far (consumed)."""
         sqs = self.client("sqs")
-        found = []
+        found: list[dict[str, Any]] = []
         while True:
             batch = sqs.receive_message(
                 QueueUrl=self.subscribe_alerts(), MaxNumberOfMessages=10, WaitTimeSeconds=0
@@ -427,6 +429,20 @@ class Sandbox:
             Demo("gmail-revoked", "google", "bo@gmail.example", "refresh token", "user revoked access"),
         )
         return demos
+
+
+def powertools_from_env(env: Mapping[str, str]) -> None:
+    """Give the shared Logger and Metrics the template's settings, as a cold start reading the
+    function's environment would (they may have been built before the sandbox set it)."""
+    from mailbroker.observability import logger, metrics
+
+    if env.get("POWERTOOLS_METRICS_NAMESPACE"):
+        metrics.namespace = env["POWERTOOLS_METRICS_NAMESPACE"]
+    if env.get("POWERTOOLS_SERVICE_NAME"):
+        metrics.service = env["POWERTOOLS_SERVICE_NAME"]
+        logger.append_keys(service=env["POWERTOOLS_SERVICE_NAME"])
+    if env.get("POWERTOOLS_LOG_LEVEL"):
+        logger.setLevel(env["POWERTOOLS_LOG_LEVEL"])
 
 
 def _secret() -> str:
@@ -651,6 +667,8 @@ def serve(*, template: str = "template.yaml", port: int = 0, demo: bool = True, 
     from mailbroker.cli.output import Output
 
     out = out or Output()
+    # Handlers that record no metric in an invocation make Powertools warn; in Lambda that is a log line.
+    warnings.filterwarnings("ignore", message="No application metrics to publish")
     log_path = Path(tempfile.gettempdir()) / "mailbroker-local.log"
     with open(log_path, "a", encoding="utf-8") as log, Sandbox(template=template, log=log) as sandbox:
         demos = sandbox.register_demo() if demo else []
@@ -705,9 +723,9 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
     out.line()
     out.line("In another shell, point the CLI and the AWS CLI at it:")
     keys = (
-        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-        "SECRET_PREFIX", "TOKEN_TABLE", "MESSAGE_TABLE", "SEND_QUEUE_URL", "DEAD_LETTER_QUEUE_URL",
-        "ALERT_TOPIC_ARN", "TOKEN_KEY_ID", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION", "SECRET_PREFIX", "TOKEN_TABLE", "MESSAGE_TABLE", "SEND_QUEUE_URL",
+        "DEAD_LETTER_QUEUE_URL", "ALERT_TOPIC_ARN", "TOKEN_KEY_ID", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
     )  # fmt: skip
     for key in keys:
         if key in env:
