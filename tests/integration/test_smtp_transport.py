@@ -573,11 +573,12 @@ def test_server_reply_is_classified_at_its_stage(
     assert server.accepted == []
 
 
+@pytest.mark.parametrize("chunking", [False, True])
 def test_connection_dropped_while_the_body_is_sent_is_transient(
-    start: Any, tokens: Tokens, sandbox_ca: SandboxCA
+    start: Any, tokens: Tokens, sandbox_ca: SandboxCA, chunking: bool
 ) -> None:
     # Given a server that hangs up as the body starts to arrive, and a body larger than socket buffers
-    server = start()
+    server = start(chunking=chunking)
     server.fail("disconnect_mid_data")
     body = b"Subject: large\r\n\r\n" + (b"x" * 998 + b"\r\n") * 16_000
 
@@ -590,11 +591,12 @@ def test_connection_dropped_while_the_body_is_sent_is_transient(
     assert server.accepted == []
 
 
+@pytest.mark.parametrize("chunking", [False, True])
 def test_connection_dropped_after_the_end_of_data_is_delivery_uncertain(
-    start: Any, tokens: Tokens, sandbox_ca: SandboxCA
+    start: Any, tokens: Tokens, sandbox_ca: SandboxCA, chunking: bool
 ) -> None:
     # Given a server that stores the message and hangs up before replying
-    server = start()
+    server = start(chunking=chunking)
     server.fail("disconnect_after_eod")
 
     # When it is sent

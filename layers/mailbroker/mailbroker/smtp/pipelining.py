@@ -134,7 +134,7 @@ def run_transaction(smtp: smtplib.SMTP, tx: Transaction, *, pipelining: bool, ch
     steps.append(_Step("mail", f"MAIL FROM:<{tx.mail_from}>{params}\r\n".encode(encoding)))
     steps += [_Step("rcpt", f"RCPT TO:<{rcpt}>\r\n".encode(encoding), rcpt) for rcpt in tx.rcpts]
     final = (
-        _Step("bdat", f"BDAT {len(tx.data)} LAST\r\n".encode() + tx.data)
+        _Step("body", f"BDAT {len(tx.data)} LAST\r\n".encode() + tx.data)
         if chunking
         else _Step("data", b"DATA\r\n")
     )

@@ -17,6 +17,7 @@ module adds what a sender of other people's mail needs on top:
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
 import re
 import smtplib
@@ -335,6 +336,10 @@ class SmtpSession:
             raise SmtpFailure(f"auth: {exc}", code="smtp_auth_failed", stage="auth") from None
         except (AuthRejected, MailbrokerError):
             raise
+        except binascii.Error:
+            raise SmtpFailure(
+                "auth: the server's AUTH challenge is not base64", code="smtp_auth_failed", stage="auth"
+            ) from None
         except (smtplib.SMTPException, OSError) as exc:
             raise smtp_connection_failure("auth", exc) from None
 
