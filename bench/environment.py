@@ -100,14 +100,13 @@ class Sandbox:
 
     def function_env(self, logical_id: str, **extra: str) -> dict[str, str]:
         """What the function's process would see: the template's variables for it, boto3 pointed at
-        moto, the sandbox CA trusted, logs at WARNING so they stay out of the table."""
+        moto, the sandbox CA trusted, logs at WARNING so they stay out of the table. Metrics stay on
+        (their output is discarded): building them is part of the work."""
         return {
             **self.aws.function_env(logical_id),
             **self.aws_env(),
             **self.ca.trust_env(),
             "POWERTOOLS_LOG_LEVEL": "WARNING",
-            "POWERTOOLS_METRICS_DISABLED": "true",
-            "POWERTOOLS_TRACE_DISABLED": "true",
             **extra,
         }
 

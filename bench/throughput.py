@@ -134,10 +134,10 @@ def _through_the_sender(
         reports = _wait_for(results, "done", n_workers, workers, 120)
     finally:
         stop.set()
+        for process in workers:  # every report is in: no need to wait for interpreters to wind down
+            process.terminate()
         for process in workers:
             process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
     calls: Counter[str] = Counter()
     aws_seconds: Counter[str] = Counter()
     busy_seconds = 0.0
