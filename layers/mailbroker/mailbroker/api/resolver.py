@@ -66,6 +66,20 @@ def build_resolver() -> APIGatewayHttpResolver:
             },
         )
 
+    @app.exception_handler(UnicodeDecodeError)
+    def _undecodable_body(exc: UnicodeDecodeError) -> Response:
+        # A base64 body (isBase64Encoded) that is not UTF-8: Powertools fails decoding it.
+        return error_response(
+            400,
+            {
+                "code": "invalid_request",
+                "message": "the request body is not UTF-8 text",
+                "hint": "Send the JSON body as UTF-8.",
+                "retryable": False,
+                "details": [{"field": "(body)", "problem": "not valid UTF-8"}],
+            },
+        )
+
     @app.not_found
     def _not_found(exc: Exception) -> Response:
         return error_response(
