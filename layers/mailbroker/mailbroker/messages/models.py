@@ -97,7 +97,8 @@ def _unicode(value: str) -> str:
 def _single_line(value: str) -> str:
     """Header material: no CR, LF, NUL or other control character (TAB is allowed)."""
     _unicode(value)
-    if any(ch != "\t" and unicodedata.category(ch) == "Cc" for ch in value):
+    # Cc holds CR, LF, NUL, VT, FF and NEL; Zl and Zp (U+2028, U+2029) are line breaks too.
+    if any(ch != "\t" and unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in value):
         raise ValueError("must not contain line breaks, NUL or other control characters")
     return value
 
