@@ -14,3 +14,13 @@ from tests.fixtures.dynamodb_atomicity import AtomicMotoServer
 def moto_server() -> Iterator[AtomicMotoServer]:
     with AtomicMotoServer() as server:
         yield server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Generated-input counts: a few hundred per property by default, 10,000 with ``--long``."""
+    from hypothesis import HealthCheck, settings
+
+    common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+    settings.register_profile("mailbroker", max_examples=300, **common)
+    settings.register_profile("mailbroker-long", max_examples=10_000, **common)
+    settings.load_profile("mailbroker-long" if config.getoption("--long") else "mailbroker")
