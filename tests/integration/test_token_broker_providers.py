@@ -362,9 +362,10 @@ def test_no_secret_or_token_reaches_the_logs(token_server, integrations, capture
 def test_sixteen_environments_get_one_token_per_lifetime(token_server, integrations, monkeypatch):
     """16 processes, each its own memory cache, ask in a burst, then again once the token is due
     for refresh but still valid: the provider issues exactly one token per lifetime."""
-    token_server.lifetime = 10.0
-    monkeypatch.setenv("TOKEN_REFRESH_MIN_MARGIN_SECONDS", "4")  # due 4 s before expiry, usable until 1 s
-    microsoft_integration(token_server, integrations)
+    lifetime, margin = 16.0, 6.0  # due 6 s before expiry; usable until 1.6 s before it
+    token_server.lifetime = lifetime
+    monkeypatch.setenv("TOKEN_REFRESH_MIN_MARGIN_SECONDS", str(margin))
+    integration = microsoft_integration(token_server, integrations)
     token_server.reset_counts()
 
     from tests.integration import broker_worker
@@ -381,10 +382,11 @@ def test_sixteen_environments_get_one_token_per_lifetime(token_server, integrati
         worker.start()
     try:
         barrier.wait(timeout=120)  # phase 1: everyone starts together
-        started = time.monotonic()
         barrier.wait(timeout=120)  # phase 1 done
         issued_in_burst = token_server.issued(client_id="app-support-m365")
-        time.sleep(max(started + 6.5 - time.monotonic(), 0))  # due for refresh, still usable
+        stored = runtime.token_broker().stored(integration)
+        due = stored.issued_at + lifetime - margin
+        time.sleep(max(due + 0.3 - time.time(), 0))  # due for refresh, still usable
         barrier.wait(timeout=120)  # phase 2
         barrier.wait(timeout=120)
         answers = [results.get(timeout=60) for _ in workers]
