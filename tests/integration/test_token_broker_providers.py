@@ -75,6 +75,23 @@ def google_integration(token_server, integrations, *, id="gmail", user="ana@gmai
     return refresh
 
 
+def oauth2_integration(token_server, integrations):
+    token_server.register_oauth2_client("generic-app", CLIENT_SECRET, scope="smtp.send")
+    return add(
+        integrations,
+        {
+            "id": "generic",
+            "provider": "oauth2",
+            "smtp": {"host": "127.0.0.1", "port": 2587},
+            "username": "app@example.org",
+            "token_url": token_server.oauth2_token_url,
+            "client_id": "generic-app",
+            "client_secret": CLIENT_SECRET,
+            "scope": "smtp.send",
+        },
+    )
+
+
 def invoke(event):
     from token_broker.app import lambda_handler
 
@@ -132,20 +149,7 @@ def test_workspace_service_account_impersonates_the_subject(token_server, integr
 
 
 def test_generic_oauth2_client_credentials(token_server, integrations):
-    token_server.register_oauth2_client("generic-app", CLIENT_SECRET, scope="smtp.send")
-    add(
-        integrations,
-        {
-            "id": "generic",
-            "provider": "oauth2",
-            "smtp": {"host": "127.0.0.1", "port": 2587},
-            "username": "app@example.org",
-            "token_url": token_server.oauth2_token_url,
-            "client_id": "generic-app",
-            "client_secret": CLIENT_SECRET,
-            "scope": "smtp.send",
-        },
-    )
+    oauth2_integration(token_server, integrations)
 
     answer = invoke({"integration": "generic"})
 
@@ -187,20 +191,7 @@ def test_revoked_refresh_token_is_token_invalid_grant_asking_for_reconsent(token
 
 @pytest.mark.parametrize("fault", ["500", "timeout"])
 def test_token_endpoint_failure_is_retryable_token_unavailable(token_server, integrations, fault):
-    token_server.register_oauth2_client("generic-app", CLIENT_SECRET, scope="smtp.send")
-    add(
-        integrations,
-        {
-            "id": "generic",
-            "provider": "oauth2",
-            "smtp": {"host": "127.0.0.1", "port": 2587},
-            "username": "app@example.org",
-            "token_url": token_server.oauth2_token_url,
-            "client_id": "generic-app",
-            "client_secret": CLIENT_SECRET,
-            "scope": "smtp.send",
-        },
-    )
+    oauth2_integration(token_server, integrations)
     token_server.fail_next(fault, times=5, delay=4.0)
 
     answer = invoke({"integration": "generic"})
@@ -210,20 +201,7 @@ def test_token_endpoint_failure_is_retryable_token_unavailable(token_server, int
 
 
 def test_429_retry_after_is_reported_and_held_for_other_environments(token_server, integrations):
-    token_server.register_oauth2_client("generic-app", CLIENT_SECRET, scope="smtp.send")
-    add(
-        integrations,
-        {
-            "id": "generic",
-            "provider": "oauth2",
-            "smtp": {"host": "127.0.0.1", "port": 2587},
-            "username": "app@example.org",
-            "token_url": token_server.oauth2_token_url,
-            "client_id": "generic-app",
-            "client_secret": CLIENT_SECRET,
-            "scope": "smtp.send",
-        },
-    )
+    oauth2_integration(token_server, integrations)
     token_server.fail_next("429", times=1, retry_after=30)
 
     first = invoke({"integration": "generic"})
