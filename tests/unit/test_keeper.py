@@ -243,7 +243,10 @@ def test_failure_and_recovery_each_alert_exactly_once(world):
 def test_unhealthy_alert_names_the_code_and_the_hint(world):
     world.add(m365())
     world.provider.failures["m365"] = classify_token_error(
-        error="invalid_client", error_codes=[7000215], description="Invalid client secret", provider="microsoft"
+        error="invalid_client",
+        error_codes=[7000215],
+        description="Invalid client secret",
+        provider="microsoft",
     )
 
     world.keeper().run()
@@ -339,7 +342,9 @@ def test_live_smtp_check_failure_makes_the_integration_unhealthy(world):
     from mailbroker.smtp import CheckStep
 
     world.add(m365(smtp_check=True))
-    refused = CheckStep("auth", False, "auth: 535 5.7.139 Authentication unsuccessful", "smtp_auth_disabled", None)
+    refused = CheckStep(
+        "auth", False, "auth: 535 5.7.139 Authentication unsuccessful", "smtp_auth_disabled", None
+    )
 
     world.keeper(smtp_check=lambda integration: [CheckStep("connect", True, "ok"), refused]).run()
 
