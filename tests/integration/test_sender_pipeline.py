@@ -501,6 +501,20 @@ def test_a_batch_of_ten_to_one_integration_uses_one_connection_and_one_auth(pipe
     assert all(pipeline.status(m["id"])["status"] == "sent" for m in messages)
 
 
+def test_a_batch_paced_by_the_governor_waits_on_its_connection_instead_of_requeueing(
+    pipeline: Pipeline,
+) -> None:
+    # 60 a minute: a burst of 6, then about one a second — short waits, taken inside the batch.
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 60})
+    messages = [pipeline.message(integration) for _ in range(10)]
+
+    assert pipeline.deliver(*messages) == []
+
+    assert len(pipeline.smtp.accepted) == 10
+    assert (pipeline.smtp.connections, pipeline.smtp.auth_attempts) == (1, 1)
+    assert pipeline.delays() == []
+
+
 def test_bad_json_in_the_middle_of_a_batch_does_not_affect_the_others(pipeline: Pipeline) -> None:
     integration = pipeline.add("microsoft")
     first, last = pipeline.message(integration), pipeline.message(integration)

@@ -55,6 +55,11 @@ DEFAULT_LEASE_SECONDS = 300.0
 # Left-over time below which a message is not started: a send cut off by the function's timeout
 # after the body went out would leave the delivery uncertain.
 DEFAULT_MIN_REMAINING_MS = 20_000
+# A governor delay this short is waited out in the batch, on the open connection, instead of
+# putting the message back on the queue (which would spend one of its SQS receives); the waits
+# of one batch add up to at most the budget.
+DEFAULT_MAX_INLINE_WAIT = 5.0
+DEFAULT_INLINE_WAIT_BUDGET = 30.0
 # A message that cannot go to the dead-letter queue stays on the send queue this long.
 DEAD_LETTER_RETRY_SECONDS = 60
 _ID = re.compile(r"^[\x21-\x7e]{1,256}$")
@@ -146,6 +151,9 @@ class Delivery:
         min_remaining_ms: int = DEFAULT_MIN_REMAINING_MS,
         clock: Callable[[], float] = time.time,
         uniform: Callable[[float, float], float] = random.uniform,
+        sleep: Callable[[float], None] = time.sleep,
+        max_inline_wait: float = DEFAULT_MAX_INLINE_WAIT,
+        inline_wait_budget: float = DEFAULT_INLINE_WAIT_BUDGET,
     ) -> None:
         self.statuses = statuses
         self.queue = queue
@@ -158,6 +166,9 @@ class Delivery:
         self._min_remaining_ms = min_remaining_ms
         self._clock = clock
         self._uniform = uniform
+        self._sleep = sleep
+        self._max_inline_wait = max_inline_wait
+        self._inline_budget = inline_wait_budget
         self.sessions = SessionPool(
             token_broker,
             governor=governor,
@@ -219,7 +230,7 @@ class Delivery:
         session = self.sessions.session_for(integration)
         mail_from, rcpts = envelope(message)
         if self.governor is not None:
-            self.governor.take_message(integration.id, integration.effective_limits(), recipients=len(rcpts))
+            self._take_message(integration, len(rcpts))
         data = self._mime(message, item)
 
         try:
@@ -283,6 +294,31 @@ class Delivery:
                 (seen.last_error or {}).get("message") or "delivery uncertain", code="delivery_uncertain"
             )
         return False
+
+    def _take_message(self, integration: Any, recipients: int) -> None:
+        """Take the message's place in the integration's pace, waiting out a short delay."""
+        while True:
+            try:
+                self.governor.take_message(
+                    integration.id, integration.effective_limits(), recipients=recipients
+                )
+                return
+            except GovernorDelay as delay:
+                wait = delay.retry_after
+                if (
+                    wait > self._max_inline_wait
+                    or wait > self._inline_budget
+                    or not self._time_for(wait, integration)
+                ):
+                    raise
+                self._inline_budget -= wait
+                self._sleep(wait)
+
+    def _time_for(self, wait: float, integration: Any) -> bool:
+        if self._remaining_ms is None:
+            return True
+        needed = max(self._min_remaining_ms, int(integration.smtp.timeout_seconds * 1000))
+        return self._remaining_ms() - wait * 1000 >= needed
 
     def _check_time_left(self, integration: Any) -> None:
         if self._remaining_ms is None:
