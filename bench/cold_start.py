@@ -29,6 +29,13 @@ FUNCTIONS = ROOT / "functions"
 LAYER = ROOT / "layers" / "mailbroker"
 MARKER = "--bench-import-starts--"
 TARGET_RATIO = 1.4
+# What the handlers' import would cost if the Powertools Tracer did not patch every library the
+# X-Ray SDK supports when it is built (``Tracer(auto_patch=False)``): measured for the docs'
+# "what would move it", not a figure of its own.
+NO_AUTOPATCH = (
+    "from aws_lambda_powertools.tracing.tracer import Tracer as _Tracer; "
+    "_Tracer._config['auto_patch'] = False; "
+)
 
 
 def handlers() -> list[str]:
@@ -52,13 +59,14 @@ def lambda_env(function: str | None) -> dict[str, str]:
     }
 
 
-def import_ms(module: str, function: str | None = None) -> tuple[float, float]:
+def import_ms(module: str, function: str | None = None, *, prelude: str = "") -> tuple[float, float]:
     """``import module`` in a fresh interpreter: the milliseconds ``-X importtime`` attributes to
     it (the cumulative time of every top-level import the statement triggered), and the CPU
-    milliseconds the process spent on it (steadier than wall time on a shared machine)."""
+    milliseconds the process spent on it (steadier than wall time on a shared machine).
+    ``prelude`` runs just before the import and is timed with it."""
     code = (
         f"import sys, time; sys.stderr.write({MARKER!r} + '\\n'); sys.stderr.flush(); "
-        f"cpu = time.process_time(); import {module}; print((time.process_time() - cpu) * 1000)"
+        f"cpu = time.process_time(); {prelude}import {module}; print((time.process_time() - cpu) * 1000)"
     )
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],
@@ -143,13 +151,20 @@ def run(sandbox: object, *, smoke: bool) -> list[Row]:
             import_ms(module, function)
     samples: dict[str, list[float]] = {function or "boto3": [] for _, function in subjects}
     cpu: dict[str, list[float]] = {name: [] for name in samples}
+    unpatched: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):  # interleaved, so a noisy moment touches every subject alike
         for module, function in subjects:
             wall, used = import_ms(module, function)
             samples[function or "boto3"].append(wall)
             cpu[function or "boto3"].append(used)
+            if function and not smoke:
+                unpatched[function].append(import_ms(module, function, prelude=NO_AUTOPATCH)[1])
     boto3_ms = statistics.median(samples["boto3"])
     boto3_cpu = statistics.median(cpu["boto3"])
+
+    def cpu_ratio(values: list[float]) -> float | None:
+        return round(statistics.median(values) / boto3_cpu, 2) if values else None
+
     rows = [
         Row(
             f"cold start: import {name} handler",
@@ -163,7 +178,8 @@ def run(sandbox: object, *, smoke: bool) -> list[Row]:
                 "boto3_importtime_ms": [round(v, 1) for v in samples["boto3"]],
                 "cpu_ms": round(statistics.median(cpu[name]), 1),
                 "boto3_cpu_ms": round(boto3_cpu, 1),
-                "cpu_ratio": round(statistics.median(cpu[name]) / boto3_cpu, 2),
+                "cpu_ratio": cpu_ratio(cpu[name]),
+                "cpu_ratio_tracer_without_autopatch": cpu_ratio(unpatched[name]),
             },
         )
         for name in names
