@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Lambda sets the Powertools variables before a handler is imported, and Powertools reads them when
+# its Logger and Metrics are built; the tests do the same, whatever module imports them first.
+os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "mailbroker")
+os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "Mailbroker")
 
 pytest_plugins = [
     "tests.fixtures.token_endpoints",

@@ -36,4 +36,15 @@ class CredentialFilter(logging.Filter):
 logger = Logger()
 logger.addFilter(CredentialFilter())
 metrics = Metrics()
-tracer = Tracer()
+# X-Ray patching is done per library, when that library is first used (``trace_library``), not
+# for every supported library at import: patching everything at import was most of the handlers'
+# cold start.
+tracer = Tracer(auto_patch=False)
+_patched: set[str] = set()
+
+
+def trace_library(name: str) -> None:
+    """Patch ``name`` (``botocore``, ``requests``) for X-Ray once per environment."""
+    if name not in _patched:
+        _patched.add(name)
+        tracer.patch([name])

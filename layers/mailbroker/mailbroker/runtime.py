@@ -17,6 +17,10 @@ def aws_client(service: str) -> Any:
     import boto3
     from botocore.config import Config
 
+    from mailbroker.observability import trace_library
+
+    trace_library("botocore")
+
     config = Config(connect_timeout=3, read_timeout=10, retries={"mode": "standard", "max_attempts": 4})
     return boto3.client(service, config=config)
 

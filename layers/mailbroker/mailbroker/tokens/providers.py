@@ -151,6 +151,9 @@ class TokenProviders:
     """Fetches a new access token for an integration from its provider."""
 
     def __init__(self, *, http_timeout: float = 10.0) -> None:
+        from mailbroker.observability import trace_library
+
+        trace_library("requests")
         self._session = _TimeoutSession(http_timeout)
         self._msal_apps: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
