@@ -4,6 +4,7 @@ server applies item operations one at a time, as DynamoDB does."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,13 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.register_profile("mailbroker", max_examples=300, **common)
     settings.register_profile("mailbroker-long", max_examples=10_000, **common)
     settings.load_profile("mailbroker-long" if config.getoption("--long") else "mailbroker")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long runs take minutes per test: beyond the suite's default timeout."""
+    if not config.getoption("--long"):
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.timeout(3600))

@@ -446,6 +446,7 @@ def tagged(message: dict[str, Any]) -> dict[str, Any]:
 @given(batch=st.lists(message_objects(), min_size=1, max_size=6))
 def test_a_batch_of_good_and_bad_input_delivers_every_good_message_once(mail_pipeline, batch):
     p = mail_pipeline
+    accepted_before = len(p.smtp.accepted)
     integration = getattr(p, "fuzz_integration", None) or p.add("basic")
     p.fuzz_integration = integration  # one integration for every example of the test
     bodies = []
@@ -481,7 +482,7 @@ def test_a_batch_of_good_and_bad_input_delivers_every_good_message_once(mail_pip
             assert p.delivered(message_id) == 0
             assert letters[message_id]["error_code"] == fate
     assert p.queue_depth() == (0, 0)
-    for accepted in p.smtp.accepted:
+    for accepted in p.smtp.accepted[accepted_before:]:
         parsed = email.message_from_bytes(accepted.data, policy=policy.SMTP)
         assert "bcc" not in {k.lower() for k in parsed}
         assert all(re.fullmatch(r"[^\s<>]+@[^\s<>]+", r) for r in accepted.rcpt_tos)
