@@ -362,8 +362,8 @@ def test_racing_environments_never_hold_more_connections_than_the_limit(dynamodb
     for t in threads:
         t.join()
 
-    assert state["peak"] == 3
-    assert state["sessions"] >= 3
+    assert 1 <= state["peak"] <= 3
+    assert state["sessions"] >= 8  # the limit held while work got done
 
 
 def test_racing_environments_take_exactly_the_bucket_and_no_more(dynamodb, clock):
