@@ -1,20 +1,12 @@
-"""Reliability tests race several environments against the same DynamoDB items: their moto
-server applies item operations one at a time, as DynamoDB does."""
+"""Reliability tests: generated-input counts and the long runs' timeout. (They race several
+environments against the same DynamoDB items; the sandbox's moto server applies item operations
+one at a time, as DynamoDB does.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.fixtures.dynamodb_atomicity import AtomicMotoServer
-
-
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[AtomicMotoServer]:
-    with AtomicMotoServer() as server:
-        yield server
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -57,7 +57,8 @@ def aws_environment(endpoint_url: str, region: str = DEFAULT_REGION) -> dict[str
 
 
 class MotoServer:
-    """``python -m moto.server`` on a free loopback port, in its own process.
+    """moto server on a free loopback port, in its own process, with DynamoDB's conditional
+    writes atomic as in the real service (``mailbroker.sandbox.moto_atomic``).
 
     Use as a context manager, or ``start()`` / ``stop()``. ``endpoint_url`` is set once started.
     """
@@ -78,7 +79,7 @@ class MotoServer:
             port = self.port or _free_port(self.host)
             self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the server writes to it until stop()
             process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(port)],
+                [sys.executable, "-m", "mailbroker.sandbox.moto_atomic", "-H", self.host, "-p", str(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
