@@ -12,10 +12,12 @@ from typing import Any
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 
 from mailbroker import runtime
-from mailbroker.messages.delivery import Delivery
+from mailbroker.messages.delivery import DEFAULT_LEASE_SECONDS, Delivery
 from mailbroker.messages.queue import QueueActions
 from mailbroker.messages.status import MessageStatusStore
 from mailbroker.settings import Settings, get_settings
+
+LEASE_MARGIN_SECONDS = 60.0
 
 
 def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -36,6 +38,10 @@ def build_delivery(settings: Settings, context: Any = None) -> Delivery:
     sqs = runtime.aws_client("sqs")
     dynamodb = runtime.aws_client("dynamodb")
     remaining = getattr(context, "get_remaining_time_in_millis", None)
+    remaining = remaining if callable(remaining) else None
+    # Claims and connection slots outlive this invocation by a margin, no more: a sender that
+    # crashes frees them a minute after its timeout instead of holding them for minutes.
+    lease = remaining() / 1000 + LEASE_MARGIN_SECONDS if remaining else DEFAULT_LEASE_SECONDS
     return Delivery(
         statuses=MessageStatusStore(
             dynamodb, settings.message_table, window_seconds=settings.idempotency_hours * 3600
@@ -45,7 +51,8 @@ def build_delivery(settings: Settings, context: Any = None) -> Delivery:
         token_broker=runtime.token_broker(),
         governor=_governor(dynamodb, settings),
         max_message_age_seconds=settings.max_message_age_hours * 3600,
-        remaining_ms=remaining if callable(remaining) else None,
+        remaining_ms=remaining,
+        lease_seconds=lease,
     )
 
 
