@@ -7,7 +7,6 @@ sender function → the sandbox SMTP server over STARTTLS with a sandbox-issued 
 from __future__ import annotations
 
 import base64
-import copy
 import datetime as dt
 import json
 import uuid
@@ -20,6 +19,8 @@ from mailbroker import runtime
 from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.messages.mime import build_mime
 from mailbroker.messages.models import parse_message
+
+from tests.fixtures.pipeline import sqs_event
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 SENDER = "support@contoso.com"
@@ -106,19 +107,7 @@ class Stack:
             AttributeNames=["All"],
             MessageAttributeNames=["All"],
         ).get("Messages", [])
-        template = json.loads((EVENTS / "sqs_batch.json").read_text())["Records"][0]
-        records = []
-        for m in messages:
-            record = copy.deepcopy(template)
-            record.update(
-                messageId=m["MessageId"],
-                receiptHandle=m["ReceiptHandle"],
-                body=m["Body"],
-                attributes=m["Attributes"],
-                md5OfBody=m["MD5OfBody"],
-                eventSourceARN=self.stack.attribute("SendQueue", "Arn"),
-            )
-            records.append(record)
+        records = sqs_event(messages, self.stack.attribute("SendQueue", "Arn"))["Records"]
         answer = lambda_handler({"Records": records}, LambdaContext("SenderFunction"))
         failed = {f["itemIdentifier"] for f in answer["batchItemFailures"]}
         for record in records:

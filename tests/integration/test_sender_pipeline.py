@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import copy
 import datetime as dt
 import email
 import json
@@ -30,6 +29,8 @@ from mailbroker.messages.models import parse_message
 from mailbroker.messages.status import MessageStatusStore
 from mailbroker.sandbox.smtp_server import SandboxSmtpServer
 
+from tests.fixtures.pipeline import LambdaContext, sqs_event
+
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 SENDER = "support@contoso.com"
 ALIAS = "sales@contoso.com"
@@ -37,16 +38,6 @@ ALIAS = "sales@contoso.com"
 CLIENT_SECRET = "planted-client-secret-5b1e9c"
 PASSWORD = "planted-smtp-password-91c2d7"
 ONE_MINUTE = (54, 66)  # the first retry: 60 s ± 10 %
-
-
-class LambdaContext:
-    function_name = "SenderFunction"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:SenderFunction"
-    aws_request_id = "5e4de400-0000-4000-8000-000000000001"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 90_000
 
 
 # --------------------------------------------------------------------------------------- harness
@@ -242,28 +233,6 @@ class Pipeline:
             while got := self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
                 for m in got:
                     self.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-
-
-def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
-    """Lambda's SQS event for ``messages`` as ReceiveMessage returned them."""
-    template = json.loads((EVENTS / "sqs_batch.json").read_text())["Records"][0]
-    records = []
-    for m in messages:
-        record = copy.deepcopy(template)
-        record.update(
-            messageId=m["MessageId"],
-            receiptHandle=m["ReceiptHandle"],
-            body=m["Body"],
-            attributes=m["Attributes"],
-            messageAttributes={
-                name: {"stringValue": value["StringValue"], "dataType": value["DataType"]}
-                for name, value in m.get("MessageAttributes", {}).items()
-            },
-            md5OfBody=m["MD5OfBody"],
-            eventSourceARN=queue_arn,
-        )
-        records.append(record)
-    return {"Records": records}
 
 
 @pytest.fixture
