@@ -29,13 +29,6 @@ FUNCTIONS = ROOT / "functions"
 LAYER = ROOT / "layers" / "mailbroker"
 MARKER = "--bench-import-starts--"
 TARGET_RATIO = 1.4
-# What the handlers' import would cost if the Powertools Tracer did not patch every library the
-# X-Ray SDK supports when it is built (``Tracer(auto_patch=False)``): measured for the docs'
-# "what would move it", not a figure of its own.
-NO_AUTOPATCH = (
-    "from aws_lambda_powertools.tracing.tracer import Tracer as _Tracer; "
-    "_Tracer._config['auto_patch'] = False; "
-)
 
 
 def handlers() -> list[str]:
@@ -59,14 +52,13 @@ def lambda_env(function: str | None) -> dict[str, str]:
     }
 
 
-def import_ms(module: str, function: str | None = None, *, prelude: str = "") -> tuple[float, float]:
+def import_ms(module: str, function: str | None = None) -> tuple[float, float]:
     """``import module`` in a fresh interpreter: the milliseconds ``-X importtime`` attributes to
     it (the cumulative time of every top-level import the statement triggered), and the CPU
-    milliseconds the process spent on it (steadier than wall time on a shared machine).
-    ``prelude`` runs just before the import and is timed with it."""
+    milliseconds the process spent on it (steadier than wall time on a shared machine)."""
     code = (
         f"import sys, time; sys.stderr.write({MARKER!r} + '\\n'); sys.stderr.flush(); "
-        f"cpu = time.process_time(); {prelude}import {module}; print((time.process_time() - cpu) * 1000)"
+        f"cpu = time.process_time(); import {module}; print((time.process_time() - cpu) * 1000)"
     )
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],
@@ -151,14 +143,11 @@ def run(sandbox: object, *, smoke: bool) -> list[Row]:
             import_ms(module, function)
     samples: dict[str, list[float]] = {function or "boto3": [] for _, function in subjects}
     cpu: dict[str, list[float]] = {name: [] for name in samples}
-    unpatched: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):  # interleaved, so a noisy moment touches every subject alike
         for module, function in subjects:
             wall, used = import_ms(module, function)
             samples[function or "boto3"].append(wall)
             cpu[function or "boto3"].append(used)
-            if function and not smoke:
-                unpatched[function].append(import_ms(module, function, prelude=NO_AUTOPATCH)[1])
     boto3_ms = statistics.median(samples["boto3"])
     boto3_cpu = statistics.median(cpu["boto3"])
 
@@ -179,7 +168,6 @@ def run(sandbox: object, *, smoke: bool) -> list[Row]:
                 "cpu_ms": round(statistics.median(cpu[name]), 1),
                 "boto3_cpu_ms": round(boto3_cpu, 1),
                 "cpu_ratio": cpu_ratio(cpu[name]),
-                "cpu_ratio_tracer_without_autopatch": cpu_ratio(unpatched[name]),
             },
         )
         for name in names
