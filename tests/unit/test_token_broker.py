@@ -369,3 +369,21 @@ def test_threads_of_one_environment_share_one_refresh(aws, clock):
 
     assert provider.calls == 1
     assert len({r.access_token for r in results}) == 1
+
+
+def test_a_token_the_provider_issued_is_returned_even_when_dynamodb_cannot_store_it(aws, clock):
+    from mailbroker.errors import AwsUnavailable
+
+    provider = CountingProvider()
+    broker = make_broker(aws, clock, provider)
+
+    def unavailable(*args, **kwargs):
+        raise AwsUnavailable("DynamoDB UpdateItem failed: ProvisionedThroughputExceededException")
+
+    broker.store.save = unavailable
+
+    answer = broker.token_for("m365")
+
+    assert answer.source == "provider"
+    assert answer.access_token == provider.issued[0]
+    assert broker.token_for("m365").source == "memory"

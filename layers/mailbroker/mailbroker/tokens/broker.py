@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from mailbroker.errors import InvalidIntegration, TokenError, TokenUnavailable
+from mailbroker.errors import AwsUnavailable, InvalidIntegration, TokenError, TokenUnavailable
 from mailbroker.integrations import BasicIntegration
 from mailbroker.observability import logger
 from mailbroker.tokens.model import AccessToken, CachedToken, RefreshPolicy, fingerprint
@@ -151,7 +151,13 @@ class TokenBroker:
             raise
         now = self._clock()
         token = CachedToken(issued.access_token, issued_at=now, expires_at=now + issued.expires_in)
-        version = self.store.save(key, self._owner, token)
+        try:
+            version = self.store.save(key, self._owner, token)
+        except AwsUnavailable:
+            # The provider answered: the caller gets its token even if DynamoDB did not take it.
+            # The lease expires by itself and the next environment to need a token refreshes.
+            logger.warning("token refreshed but not cached", extra={"integration": integration.id})
+            version = None
         token = replace(token, version=version or 0)
         self._memory[key] = token
         logger.info(
