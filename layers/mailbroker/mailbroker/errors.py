@@ -257,6 +257,17 @@ class AwsUnavailable(MailbrokerError):
     code = "aws_unavailable"
 
 
+def aws_error_code(exc: BaseException) -> str:
+    """The AWS error code of a botocore ``ClientError`` (else the exception's class name)."""
+    return getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+
+
+def aws_failure(exc: BaseException, what: str) -> AwsUnavailable:
+    """An AWS call that failed, as ``aws_unavailable``: ``what`` names the call, the AWS error code
+    follows. Nothing from the request or the response body is included."""
+    return AwsUnavailable(f"{what} failed: {aws_error_code(exc)}")
+
+
 @dataclass(frozen=True)
 class SmtpReply:
     """One SMTP reply: the basic code, the RFC 3463 enhanced status code if any, and the text."""

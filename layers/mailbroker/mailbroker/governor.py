@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable
+from mailbroker.errors import AwsUnavailable, aws_failure
 
 _ATTEMPTS = 30  # conditional-write rounds before a contended caller is told to come back shortly
 _CONTENDED_RETRY = 1.0
@@ -360,5 +360,4 @@ def _tokens(value: float) -> str:
 
 
 def _aws(exc: Exception, operation: str) -> AwsUnavailable:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-    return AwsUnavailable(f"DynamoDB {operation} failed for the send governor: {code}")
+    return aws_failure(exc, f"DynamoDB {operation} for the send governor")

@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable
+from mailbroker.errors import AwsUnavailable, aws_failure
 
 # A record outlives its integration by this long (the table's TTL then removes it).
 RECORD_TTL_SECONDS = 30 * 86400
@@ -199,5 +199,4 @@ class SnsAlerts:
 
 
 def _aws(exc: Exception, operation: str) -> AwsUnavailable:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-    return AwsUnavailable(f"{operation} failed: {code}")
+    return aws_failure(exc, operation)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable, InvalidMessage
+from mailbroker.errors import AwsUnavailable, InvalidMessage, aws_error_code
 from mailbroker.messages.models import check_allowed, parse_message
 from mailbroker.messages.status import IN_FLIGHT, MessageStatusStore, StatusConflict, error_record
 from mailbroker.observability import logger
@@ -72,7 +72,7 @@ class MessageQueue:
         try:
             self._sqs.send_message(QueueUrl=self._queue_url, MessageBody=body)
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+            code = aws_error_code(exc)
             error = AwsUnavailable(f"SQS SendMessage failed: {code}")
             try:
                 # Leave the id re-postable: a failed record does not hold a second post back.
@@ -123,7 +123,7 @@ class QueueActions:
                 policy = json.loads(attributes.get("RedrivePolicy") or "{}")
                 _MAX_RECEIVES[self.queue_url] = int(policy["maxReceiveCount"]) if policy else None
             except Exception as exc:
-                code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+                code = aws_error_code(exc)
                 logger.warning("could not read the send queue's redrive policy", extra={"aws_error": code})
                 return None
         return _MAX_RECEIVES[self.queue_url]
@@ -136,7 +136,7 @@ class QueueActions:
                 QueueUrl=self.queue_url, ReceiptHandle=receipt_handle, VisibilityTimeout=int(seconds)
             )
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+            code = aws_error_code(exc)
             logger.warning("could not change a message's visibility", extra={"aws_error": code})
             return False
         return True
@@ -154,7 +154,7 @@ class QueueActions:
                 QueueUrl=self.dead_letter_queue_url, MessageBody=body, MessageAttributes=message_attributes
             )
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+            code = aws_error_code(exc)
             raise AwsUnavailable(f"SQS SendMessage to the dead-letter queue failed: {code}") from exc
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable, MailbrokerError
+from mailbroker.errors import AwsUnavailable, MailbrokerError, aws_failure
 
 KEY_PREFIX = "msg#"
 STATUSES = ("queued", "sending", "sent", "retrying", "failed")
@@ -334,5 +334,4 @@ def _num(value: float) -> str:
 
 
 def _aws(exc: Exception, operation: str) -> AwsUnavailable:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-    return AwsUnavailable(f"DynamoDB {operation} failed for a message status: {code}")
+    return aws_failure(exc, f"DynamoDB {operation} for a message status")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable
+from mailbroker.errors import AwsUnavailable, aws_failure
 from mailbroker.tokens.crypto import Sealed, TokenCipher
 from mailbroker.tokens.model import CachedToken
 
@@ -180,5 +180,4 @@ class TokenStore:
 
 
 def _aws(exc: Exception, operation: str) -> AwsUnavailable:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-    return AwsUnavailable(f"DynamoDB {operation} failed: {code}")
+    return aws_failure(exc, f"DynamoDB {operation}")
