@@ -60,10 +60,10 @@ cfn: venv tools ## cfn-lint, sam validate --lint (offline) and checkov on templa
 	@AWS_DEFAULT_REGION=us-east-1 SAM_CLI_TELEMETRY=0 $(SAM) validate --lint --template template.yaml
 	@$(CHECKOV) --quiet --compact --skip-download --framework cloudformation --file template.yaml
 
-test: lint typecheck cfn ## lint, template checks and the whole pytest suite (servers start and stop themselves)
+test: lint typecheck cfn ## lint, types, template checks and the whole pytest suite (servers start and stop themselves)
 	@$(PY) -m pytest -n 2 --dist loadgroup
 
-test-long: venv ## the long property-based, fault and load runs (10,000+ generated inputs)
+test-long: venv ## the whole suite plus the long runs: 10,000 inputs per property, the 1,000-message load
 	@$(PY) -m pytest -n 2 --dist loadgroup --long
 
 build: tools ## sam build for python3.13 / arm64
@@ -75,7 +75,7 @@ deploy: build ## sam deploy (first time: sam deploy --guided)
 bench: venv ## the benchmark table against baselines measured in the same run
 	@$(PY) -m bench
 
-bench-smoke: venv ## a seconds-long run of every benchmark, as CI does
+bench-smoke: venv ## a short run of every benchmark (under a minute), as CI does
 	@$(PY) -m bench --smoke
 
 clean: ## remove venvs, build output and caches
