@@ -417,3 +417,41 @@ def test_missing_table_is_aws_unavailable_not_a_delay(dynamodb, clock):
 
     with pytest.raises(AwsUnavailable):
         governor.open_connection("m365", M365, holder="a", lease_seconds=60)
+
+
+# ---------------------------------------------------------------- calls per message
+
+
+def count_calls(client):
+    calls = []
+    client.meta.events.register("before-call.dynamodb.*", lambda model, **_: calls.append(model.name))
+    return calls
+
+
+def test_consecutive_messages_of_one_environment_write_without_reading_first(dynamodb, governor, clock):
+    calls = count_calls(dynamodb)
+    fast = Limits(messages_per_minute=600)
+
+    for _ in range(5):
+        governor.take_message("m365", fast)
+        clock.now += 1
+
+    assert calls.count("GetItem") == 1  # only the first message reads the bucket
+    assert calls.count("UpdateItem") == 5
+
+
+def test_a_remembered_bucket_another_environment_wrote_since_is_read_again_and_the_limit_holds(
+    dynamodb, governor, clock
+):
+    limits = Limits(messages_per_minute=10)  # a burst of one
+    other = another_environment(clock)
+    governor.take_message("m365", limits)  # remembers the bucket it wrote
+    clock.now += 6.0  # enough for one more token
+    other.take_message("m365", limits)  # takes it, behind this environment's back
+    calls = count_calls(dynamodb)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_message("m365", limits)
+
+    assert delay.value.reason == "rate"
+    assert calls == ["UpdateItem", "GetItem"]  # the stale write failed, then it read the truth
