@@ -96,10 +96,6 @@ class SendGovernor:
         self._clock = clock
         self._sleep = sleep
         self._busy_retry = busy_retry_seconds
-        # The rate items this environment wrote last, as DynamoDB returned them: the next message
-        # tries its conditional write against that version without reading first, and reads
-        # only when another environment wrote in between (the condition then fails).
-        self._last_written: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ connections
 
@@ -128,15 +124,12 @@ class SendGovernor:
                 raise GovernorDelay(min(earliest - now, self._busy_retry), "connections")
             expires_at = now + lease_seconds
             live[slot_id] = expires_at
-            if (
-                self._put_versioned(
-                    key,
-                    version,
-                    "SET holders = :holders",
-                    {":holders": {"M": {slot: {"N": _time(exp)} for slot, exp in live.items()}}},
-                    ttl=max(live.values()) + _TTL_GRACE,
-                )
-                is not None
+            if self._put_versioned(
+                key,
+                version,
+                "SET holders = :holders",
+                {":holders": {"M": {slot: {"N": _time(exp)} for slot, exp in live.items()}}},
+                ttl=max(live.values()) + _TTL_GRACE,
             ):
                 return ConnectionSlot(integration_id, slot_id, expires_at)
             self._back_off(attempt)
@@ -168,13 +161,7 @@ class SendGovernor:
             for attempt in range(_ATTEMPTS):
                 now = self._clock()
                 key = _rate_key(integration_id)
-                # A remembered item is never newer than the stored one, and the bucket only
-                # loses tokens to other writers: a delay computed from it is never premature.
-                remembered = self._last_written.pop(key, None) if attempt == 0 else None
-                if remembered is not None:
-                    item = remembered
-                else:
-                    item = self._get(key) if limits.messages_per_minute else {}
+                item = self._get(key) if limits.messages_per_minute else {}
                 tokens = 0.0
                 if limits.messages_per_minute:
                     pace = Pace.of(limits.messages_per_minute, slowed=_num(item, "slow_until") > now)
@@ -186,19 +173,16 @@ class SendGovernor:
                 if not limits.messages_per_minute:
                     counted_day = None
                     return
-                written = self._put_versioned(
+                if self._put_versioned(
                     key,
                     _int(item, "version"),
                     "SET tokens = :tokens, refilled_at = :now",
                     {":tokens": {"N": _tokens(tokens - 1.0)}, ":now": {"N": _time(now)}},
                     ttl=now + _TTL_GRACE,
-                )
-                if written:
-                    self._last_written[key] = written
+                ):
                     counted_day = None  # the message is through: keep the count
                     return
-                if remembered is None:
-                    self._back_off(attempt)
+                self._back_off(attempt)
             raise GovernorDelay(_CONTENDED_RETRY, "contention")
         finally:
             if counted_day is not None:
@@ -257,9 +241,9 @@ class SendGovernor:
 
     def _put_versioned(
         self, key: str, version: int | None, update: str, values: dict[str, Any], *, ttl: float
-    ) -> dict[str, Any] | None:
+    ) -> bool:
         """Apply ``update`` if the item's version is still ``version`` (None: no item yet) and
-        bump it: the item as written, or None when another environment wrote first."""
+        bump it. False when another environment wrote first."""
         values = {**values, ":one": {"N": "1"}, ":zero": {"N": "0"}, ":ttl": {"N": str(int(ttl))}}
         if version is None:
             condition = "attribute_not_exists(version)"
@@ -267,20 +251,19 @@ class SendGovernor:
             condition = "version = :seen"
             values[":seen"] = {"N": str(version)}
         try:
-            answer = self._db.update_item(
+            self._db.update_item(
                 TableName=self._table,
                 Key={"pk": {"S": key}},
                 UpdateExpression=f"{update}, #ttl = :ttl, version = if_not_exists(version, :zero) + :one",
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#ttl": "ttl"},
                 ExpressionAttributeValues=values,
-                ReturnValues="ALL_NEW",
             )
         except self._db.exceptions.ConditionalCheckFailedException:
-            return None
+            return False
         except Exception as exc:
             raise _aws(exc, "UpdateItem") from exc
-        return answer.get("Attributes", {})
+        return True
 
     def _update_slot(self, slot: ConnectionSlot, update: str, values: dict[str, Any]) -> bool:
         set_version = "version = if_not_exists(version, :zero) + :one"
