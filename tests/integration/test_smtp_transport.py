@@ -642,7 +642,11 @@ class IdleClosingServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.close()
+        # asyncio is not thread-safe: the server is closed on its own loop's thread.
+        async def close() -> None:
+            self.server.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
