@@ -130,16 +130,6 @@ def test_late_release_of_a_lapsed_lease_does_not_free_anyone_elses_slot(governor
         governor.open_connection("m365", M365, holder="env-4", lease_seconds=120)
 
 
-def test_renewed_lease_outlives_its_first_expiry(governor, clock):
-    slot = governor.open_connection("m365", Limits(max_connections=1), holder="a", lease_seconds=10)
-    clock.now += 8
-    governor.renew_connection(slot, lease_seconds=10)
-    clock.now += 8
-
-    with pytest.raises(GovernorDelay):
-        governor.open_connection("m365", Limits(max_connections=1), holder="b", lease_seconds=10)
-
-
 def test_integration_without_a_connection_limit_is_never_held_back(governor):
     slots = [
         governor.open_connection("relay", Limits(), holder=f"env-{n}", lease_seconds=60) for n in range(50)

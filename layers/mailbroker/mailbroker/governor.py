@@ -135,16 +135,6 @@ class SendGovernor:
             self._back_off(attempt)
         raise GovernorDelay(_CONTENDED_RETRY, "contention")
 
-    def renew_connection(self, slot: ConnectionSlot, *, lease_seconds: float) -> ConnectionSlot:
-        """Extend a held lease (a long batch); raises :class:`GovernorDelay` if it already lapsed
-        and another sender took the slot."""
-        if not slot.leased:
-            return slot
-        expires_at = self._clock() + lease_seconds
-        if not self._update_slot(slot, "SET holders.#slot = :exp", {":exp": {"N": _time(expires_at)}}):
-            raise GovernorDelay(_MIN_RETRY, "connections")
-        return ConnectionSlot(slot.integration_id, slot.slot_id, expires_at)
-
     def release_connection(self, slot: ConnectionSlot) -> None:
         """Give the slot back. Releasing twice, or after the lease lapsed, does nothing."""
         if slot.leased:
