@@ -29,7 +29,7 @@ from mailbroker.messages.models import parse_message
 from mailbroker.messages.status import MessageStatusStore
 from mailbroker.sandbox.smtp_server import SandboxSmtpServer
 
-from tests.fixtures.pipeline import LambdaContext, sqs_event
+from tests.fixtures.pipeline import LambdaContext, credentials_for, sqs_event
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 SENDER = "support@contoso.com"
@@ -102,36 +102,9 @@ class Pipeline:
             "username": SENDER,
             "senders": [{"email": SENDER, "name": "Support Team"}],
         }
-        mailbox = dict(mailbox or {})
-        if provider == "microsoft":
-            self.tokens.register_microsoft_app("contoso", client_id, CLIENT_SECRET)
-            data |= {
-                "tenant_id": "contoso",
-                "client_id": client_id,
-                "client_secret": CLIENT_SECRET,
-                "authority": self.tokens.base_url,
-            }
-        elif provider == "google":
-            self.tokens.register_google_client(client_id, CLIENT_SECRET)
-            data |= {
-                "client_id": client_id,
-                "client_secret": CLIENT_SECRET,
-                "refresh_token": self.tokens.issue_refresh_token(client_id, SENDER),
-                "token_uri": self.tokens.google_token_uri,
-            }
-        elif provider == "google_service_account":
-            data |= {"service_account_info": self.tokens.register_service_account(), "subject": SENDER}
-        elif provider == "oauth2":
-            self.tokens.register_oauth2_client(client_id, CLIENT_SECRET, scope="smtp.send")
-            data |= {
-                "token_url": self.tokens.oauth2_token_url,
-                "client_id": client_id,
-                "client_secret": CLIENT_SECRET,
-                "scope": "smtp.send",
-            }
-        elif provider == "basic":
-            data["password"] = PASSWORD
-            mailbox.setdefault("password", PASSWORD)
+        mailbox = credentials_for(
+            self.tokens, provider, data, client_id, SENDER, mailbox, secret=CLIENT_SECRET, password=PASSWORD
+        )
         self.integrations.put(parse_integration(data | extra))
         self.smtp.add_mailbox(SENDER, **mailbox)
         return integration_id
