@@ -324,6 +324,32 @@ def test_shorter_slow_down_does_not_cut_an_open_window_short(governor, clock):
 # ---------------------------------------------------------------- many environments at once
 
 
+def race(sender, environments: int = 8) -> None:
+    """Run ``sender(n)`` for ``n`` environments at once, each on its own thread."""
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(environments)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def messages_taken(clock, integration_id: str, limits: Limits, **take) -> int:
+    """Eight environments each try six messages at once; how many the governor let through."""
+    taken = []
+
+    def sender(n: int) -> None:
+        governor = another_environment(clock)
+        for _ in range(6):
+            try:
+                governor.take_message(integration_id, limits, **take)
+                taken.append(1)
+            except GovernorDelay:
+                pass
+
+    race(sender)
+    return len(taken)
+
+
 def test_racing_environments_never_hold_more_connections_than_the_limit(dynamodb):
     limits = Limits(max_connections=3)
     lock = threading.Lock()
@@ -345,11 +371,7 @@ def test_racing_environments_never_hold_more_connections_than_the_limit(dynamodb
                 state["open"] -= 1
             governor.release_connection(slot)
 
-    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    race(sender)
 
     assert 1 <= state["peak"] <= 3
     assert state["sessions"] >= 8  # the limit held while work got done
@@ -357,46 +379,14 @@ def test_racing_environments_never_hold_more_connections_than_the_limit(dynamodb
 
 def test_racing_environments_take_exactly_the_bucket_and_no_more(dynamodb, clock):
     limits = Limits(messages_per_minute=100)  # burst of 10; the clock stands still: no refill
-    taken = []
 
-    def sender() -> None:
-        governor = another_environment(clock)
-        for _ in range(6):
-            try:
-                governor.take_message("m365", limits)
-                taken.append(1)
-            except GovernorDelay:
-                pass
-
-    threads = [threading.Thread(target=sender) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert len(taken) == 10
+    assert messages_taken(clock, "m365", limits) == 10
 
 
 def test_racing_environments_never_pass_the_daily_recipient_cap(dynamodb, clock):
     limits = Limits(recipients_per_day=25)
-    taken = []
 
-    def sender() -> None:
-        governor = another_environment(clock)
-        for _ in range(6):
-            try:
-                governor.take_message("gmail", limits, recipients=1)
-                taken.append(1)
-            except GovernorDelay:
-                pass
-
-    threads = [threading.Thread(target=sender) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert len(taken) == 25
+    assert messages_taken(clock, "gmail", limits, recipients=1) == 25
 
 
 # ---------------------------------------------------------------- DynamoDB failures
