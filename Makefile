@@ -39,7 +39,7 @@ $(CHECKOV):
 tools: $(SAM) $(CHECKOV) ## aws-sam-cli and checkov, each in its own venv (their pins clash)
 
 run: venv ## the whole path in the local sandbox: tokens, queue, SMTP, keeper — then stop
-	@$(PY) -m mailbroker.sandbox.run
+	@$(PY) -m mailbroker_sandbox.run
 
 sandbox: venv ## keep the local sandbox up, HTTP API on a loopback port
 	@$(VENV)/bin/mailbroker local

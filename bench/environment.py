@@ -34,7 +34,7 @@ class Sandbox:
     @property
     def ca(self) -> Any:
         if self._ca is None:
-            from mailbroker.sandbox.ca import create_ca
+            from mailbroker_sandbox.ca import create_ca
 
             directory = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="mailbroker-bench-"))
             self._ca = create_ca(directory)
@@ -42,7 +42,7 @@ class Sandbox:
 
     def token_server(self, *, lifetime: float = 3600.0) -> Any:
         """A new started token endpoint server, stopped at the end of the run."""
-        from mailbroker.sandbox.token_server import TokenServer
+        from mailbroker_sandbox.token_server import TokenServer
 
         server = TokenServer(self.ca, lifetime=lifetime).start()
         self._stack.callback(server.stop)
@@ -57,7 +57,7 @@ class Sandbox:
 
     def smtp_server(self, **options: Any) -> Any:
         """A new started sandbox SMTP server (STARTTLS, XOAUTH2 verified against ``tokens``)."""
-        from mailbroker.sandbox.smtp_server import SandboxSmtpServer
+        from mailbroker_sandbox.smtp_server import SandboxSmtpServer
 
         server = SandboxSmtpServer(self.ca, verify_token=self.tokens.introspect, **options).start()
         self._stack.callback(server.stop)
@@ -87,7 +87,7 @@ class Sandbox:
     def aws(self) -> Any:
         """The stack provisioned from template.yaml on a moto server."""
         if self._aws is None:
-            from mailbroker.sandbox.aws import MotoServer, load_template, provision
+            from mailbroker_sandbox.aws import MotoServer, load_template, provision
 
             self._moto = MotoServer().start()
             self._stack.callback(self._moto.stop)

@@ -1,4 +1,4 @@
-"""``make run`` from the outside: ``python -m mailbroker.sandbox.run`` as a subprocess, read the way a
+"""``make run`` from the outside: ``python -m mailbroker_sandbox.run`` as a subprocess, read the way a
 newcomer reads it, and nothing it started left running."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def run() -> tuple[subprocess.CompletedProcess[str], float]:
     }
     started = time.monotonic()
     completed = subprocess.run(
-        [sys.executable, "-m", "mailbroker.sandbox.run"],
+        [sys.executable, "-m", "mailbroker_sandbox.run"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -13,10 +13,11 @@ import webbrowser
 import pytest
 import requests
 from mailbroker import runtime
-from mailbroker.cli.main import main
 from mailbroker.integrations import IntegrationStore, parse_integration
-from mailbroker.sandbox.aws import provision
-from mailbroker.sandbox.local import LambdaContext, powertools_from_env
+
+from mailbroker_cli.main import main
+from mailbroker_sandbox.aws import provision
+from mailbroker_sandbox.local import LambdaContext, powertools_from_env
 
 
 class Cli:

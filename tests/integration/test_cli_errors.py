@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mailbroker.cli.main import main
 from mailbroker.errors import CATALOGUE
+
+from mailbroker_cli.main import main
 
 TROUBLESHOOTING = Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md"
 

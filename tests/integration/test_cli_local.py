@@ -32,7 +32,7 @@ def call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, 
 def local():
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mailbroker.cli.main", "local", "--json"],
+        [sys.executable, "-m", "mailbroker_cli.main", "local", "--json"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

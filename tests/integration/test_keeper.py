@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from mailbroker import runtime
 from mailbroker.integrations import IntegrationStore, parse_integration
-from mailbroker.sandbox.aws import provision
-from mailbroker.sandbox.local import LambdaContext, powertools_from_env
+
+from mailbroker_sandbox.aws import provision
+from mailbroker_sandbox.local import LambdaContext, powertools_from_env
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 

@@ -27,8 +27,8 @@ from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.messages.mime import build_mime
 from mailbroker.messages.models import parse_message
 from mailbroker.messages.status import MessageStatusStore
-from mailbroker.sandbox.smtp_server import SandboxSmtpServer
 
+from mailbroker_sandbox.smtp_server import SandboxSmtpServer
 from tests.fixtures.pipeline import LambdaContext, credentials_for, sqs_event
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"

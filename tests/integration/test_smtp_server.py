@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import requests
-from mailbroker.sandbox.ca import SandboxCA
-from mailbroker.sandbox.smtp_server import (
+
+from mailbroker_sandbox.ca import SandboxCA
+from mailbroker_sandbox.smtp_server import (
     AUTH_DISABLED,
     SEND_AS_DENIED,
     HttpIntrospector,

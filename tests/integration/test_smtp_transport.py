@@ -17,11 +17,12 @@ from aiosmtpd.smtp import SMTP, AuthResult
 from mailbroker.errors import AddressNotAllowed, SmtpFailure
 from mailbroker.integrations import SmtpEndpoint
 from mailbroker.messages import build_mime, envelope, parse_message
-from mailbroker.sandbox.ca import SandboxCA
-from mailbroker.sandbox.smtp_server import SandboxSmtpServer
 from mailbroker.smtp import BasicAuth, SmtpSession, XOAuth2Auth, run_check
 from mailbroker.smtp.transport import connect_vetted
 from pydantic import SecretStr
+
+from mailbroker_sandbox.ca import SandboxCA
+from mailbroker_sandbox.smtp_server import SandboxSmtpServer
 
 USER = "support@contoso.com"
 NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)

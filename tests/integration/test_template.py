@@ -7,8 +7,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from mailbroker.sandbox.aws import MotoServer, provision
 from mailbroker.settings import Settings
+
+from mailbroker_sandbox.aws import MotoServer, provision
 
 
 def table_ids(template):

@@ -24,7 +24,8 @@ from google.auth.exceptions import RefreshError
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
 from google_auth_oauthlib.flow import Flow
-from mailbroker.sandbox.token_server import TokenServer
+
+from mailbroker_sandbox.token_server import TokenServer
 
 OUTLOOK_SCOPE = "https://outlook.office365.com/.default"
 MAIL_SCOPE = "https://mail.google.com/"
@@ -921,7 +922,7 @@ def test_no_secret_or_token_is_logged_or_written_to_stderr(
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="mailbroker.sandbox.token_server")
+    caplog.set_level(logging.DEBUG, logger="mailbroker_sandbox.token_server")
     refresh_token = server.issue_refresh_token(google_client.client_id, "ana@example.com")
     google_token = requests.post(
         server.google_token_uri, data=_refresh_form(google_client, refresh_token), timeout=5

@@ -14,9 +14,9 @@ def run(env: dict[str, str], queue_arn: str, stop: Any, idle: Any, results: Any)
     os.environ.update(env)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the environment's log lines, for its life
     from mailbroker import runtime
-    from mailbroker.sandbox.local import powertools_from_env
     from sender.app import lambda_handler
 
+    from mailbroker_sandbox.local import powertools_from_env
     from tests.fixtures.pipeline import LambdaContext, sqs_event
 
     powertools_from_env(env)

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from mailbroker.governor import Pace
 from mailbroker.messages.mime import message_id_for
-from mailbroker.sandbox.smtp_server import SandboxSmtpServer
 
+from mailbroker_sandbox.smtp_server import SandboxSmtpServer
 from tests.fixtures.pipeline import MailPipeline, TokenGate
 from tests.reliability import load_worker
 

@@ -13,11 +13,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mailbroker import runtime
 from mailbroker.errors import InvalidIntegration, SmtpFailure, TokenError
 from mailbroker.integrations import IntegrationStore, parse_integration
-from mailbroker.sandbox.ca import create_ca
-from mailbroker.sandbox.token_server import TokenServer
 from mailbroker.smtp.transport import SmtpSession
 from mailbroker.smtp.xoauth2 import BasicAuth, XOAuth2Auth
 from mailbroker.tokens.providers import TokenProviders
+
+from mailbroker_sandbox.ca import create_ca
+from mailbroker_sandbox.token_server import TokenServer
 
 METADATA_AND_LINK_LOCAL = [
     "169.254.169.254",  # EC2 / Lambda instance metadata

@@ -34,11 +34,11 @@ from urllib.parse import quote, quote_plus
 import pytest
 from mailbroker import runtime
 from mailbroker.integrations import IntegrationStore, parse_integration
-from mailbroker.sandbox.aws import provision
-from mailbroker.sandbox.local import LambdaContext, powertools_from_env
-from mailbroker.sandbox.smtp_server import SandboxSmtpServer
 from mailbroker.smtp.xoauth2 import xoauth2_initial_response
 
+from mailbroker_sandbox.aws import provision
+from mailbroker_sandbox.local import LambdaContext, powertools_from_env
+from mailbroker_sandbox.smtp_server import SandboxSmtpServer
 from tests.fixtures.pipeline import MailPipeline, TokenGate
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
@@ -356,7 +356,7 @@ class Scene:
     # -- the CLI
 
     def cli(self, sinks: Sinks) -> None:
-        from mailbroker.cli.main import main
+        from mailbroker_cli.main import main
 
         self.as_function("KeeperFunction")
         self.monkeypatch.setenv("MAILBROKER_LOG_LEVEL", "DEBUG")

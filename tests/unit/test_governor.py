@@ -12,8 +12,9 @@ import pytest
 from mailbroker.errors import AwsUnavailable
 from mailbroker.governor import GovernorDelay, SendGovernor
 from mailbroker.integrations import Limits
-from mailbroker.sandbox.moto_atomic import atomic_item_writes
 from moto import mock_aws
+
+from mailbroker_sandbox.moto_atomic import atomic_item_writes
 
 TABLE = "messages"
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC).timestamp()

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailbroker.sandbox.aws import load_template, references
 from mailbroker.settings import Settings
+
+from mailbroker_sandbox.aws import load_template, references
 
 TEMPLATE = load_template(Path(__file__).resolve().parents[2] / "template.yaml")
 RESOURCES: dict[str, Any] = TEMPLATE["Resources"]
@@ -119,7 +120,8 @@ def test_handlers_live_where_the_design_puts_them():
 def test_layer_builds_the_domain_package_for_python313_arm64():
     (layer,) = of_type("AWS::Serverless::LayerVersion").values()
     assert layer["Properties"]["ContentUri"] == "layers/mailbroker"
-    assert layer["Metadata"]["BuildMethod"] == "python3.13"
+    assert layer["Metadata"]["BuildMethod"] == "makefile"
+    assert layer["Metadata"]["BuildArchitecture"] == "arm64"
     assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
     assert (Path(__file__).resolve().parents[2] / "layers/mailbroker/requirements.txt").is_file()
 

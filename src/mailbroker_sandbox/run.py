@@ -1,4 +1,4 @@
-"""``make run`` (``python -m mailbroker.sandbox.run``): the whole path on one machine, then stop.
+"""``make run`` (``python -m mailbroker_sandbox.run``): the whole path on one machine, then stop.
 
 Starts moto server, the sandbox token endpoints and SMTP server on free loopback ports, creates
 the stack's tables, queues, topic and key from template.yaml and gives each function the
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mailbroker.cli.output import Output, ago
-from mailbroker.sandbox.local import FUNCTIONS, Demo, QueuePoller, Sandbox, _schedule_event
+from mailbroker_cli.output import Output, ago
+from mailbroker_sandbox.local import FUNCTIONS, Demo, QueuePoller, Sandbox, _schedule_event
 
 THROTTLED_RECIPIENT = "busy@example.net"
 THROTTLE_REPLY = (
@@ -122,7 +122,7 @@ class Run:
         self.out.line(f"  {text}" if text else "")
 
     def table(self, headers: list[str], rows: list[list[Any]]) -> None:
-        from mailbroker.cli.output import render_table
+        from mailbroker_cli.output import render_table
 
         for line in render_table(headers, rows, header_style=lambda h: self.out.paint(h, "dim")):
             self.out.line(f"  {line}")
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     # Handlers that record no metric in an invocation make Powertools warn; in Lambda that is a log line.
     warnings.filterwarnings("ignore", message="No application metrics to publish")
     parser = argparse.ArgumentParser(
-        prog="python -m mailbroker.sandbox.run", description=__doc__.split("\n")[0]
+        prog="python -m mailbroker_sandbox.run", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--template", default=None, help="template.yaml to provision (default: the repo's)")
     args = parser.parse_args(argv)

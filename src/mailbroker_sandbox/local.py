@@ -42,12 +42,17 @@ FUNCTIONS = {
 
 
 def repo_root() -> Path:
-    """The directory holding template.yaml and functions/: the working directory when it has them
-    (``make run``), else the checkout this package was installed from."""
-    here = Path.cwd()
-    if (here / "template.yaml").is_file() and (here / "functions").is_dir():
-        return here
-    return Path(__file__).resolve().parents[4]
+    """The checkout holding template.yaml and functions/: the working directory or one above it
+    (``make run``), else the checkout this package was installed from in editable mode. The
+    sandbox reads the template and runs the handlers, so it needs a checkout; it says so."""
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            if (folder / "template.yaml").is_file() and (folder / "functions").is_dir():
+                return folder
+    raise RuntimeError(
+        "the sandbox runs from a mailbroker checkout: no template.yaml and functions/ in the working "
+        "directory or above it; cd into the repository first"
+    )
 
 
 @dataclass
@@ -121,10 +126,10 @@ class Sandbox:
         self.stop()
 
     def start(self) -> Sandbox:
-        from mailbroker.sandbox.aws import MotoServer, load_template, provision
-        from mailbroker.sandbox.ca import create_ca
-        from mailbroker.sandbox.smtp_server import HttpIntrospector, SandboxSmtpServer
-        from mailbroker.sandbox.token_server import TokenServer
+        from mailbroker_sandbox.aws import MotoServer, load_template, provision
+        from mailbroker_sandbox.ca import create_ca
+        from mailbroker_sandbox.smtp_server import HttpIntrospector, SandboxSmtpServer
+        from mailbroker_sandbox.token_server import TokenServer
 
         try:
             self.ca = create_ca(self.workdir / "ca")
@@ -664,7 +669,7 @@ def _declared_id(body: str) -> str | None:
 def serve(*, template: str = "template.yaml", port: int = 0, demo: bool = True, out: Any = None) -> int:
     """Keep the sandbox up until interrupted: the HTTP API on 127.0.0.1, the sender polling the
     queue, and the keeper on the template's schedule."""
-    from mailbroker.cli.output import Output
+    from mailbroker_cli.output import Output
 
     out = out or Output()
     # Handlers that record no metric in an invocation make Powertools warn; in Lambda that is a log line.

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mailbroker.cli.context import CliError, Context
-from mailbroker.cli.integrations import parse_sender, read_json
-from mailbroker.cli.output import Output
 from mailbroker.errors import InvalidMessage, MailbrokerError
+
+from mailbroker_cli.context import CliError, Context
+from mailbroker_cli.integrations import parse_sender, read_json
+from mailbroker_cli.output import Output
 
 FINAL = ("sent", "failed")
 STATUS_COLOURS = {"sent": "green", "failed": "red", "retrying": "yellow", "queued": "blue", "sending": "blue"}

@@ -36,7 +36,7 @@ from typing import Any
 import requests
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
 
-from mailbroker.sandbox.ca import SandboxCA
+from mailbroker_sandbox.ca import SandboxCA
 
 log = logging.getLogger(__name__)
 

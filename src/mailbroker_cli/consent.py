@@ -12,11 +12,12 @@ import argparse
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from mailbroker.cli.context import CliError, Context
-from mailbroker.cli.integrations import parse_sender, read_json, report_invalid
-from mailbroker.cli.output import Output
 from mailbroker.errors import InvalidIntegration, UnknownIntegration, classify_token_error
 from mailbroker.integrations import DEFAULT_GOOGLE_TOKEN_URI, GOOGLE_MAIL_SCOPE, parse_integration, unredacted
+
+from mailbroker_cli.context import CliError, Context
+from mailbroker_cli.integrations import parse_sender, read_json, report_invalid
+from mailbroker_cli.output import Output
 
 GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/auth"
 TESTING_WARNING = (

@@ -4,7 +4,7 @@ moto evaluates a ``ConditionExpression`` and applies the update in separate Pyth
 threads of its server can both pass one condition. The token broker's refresh lease, the sender's
 status claims and the governor all rest on conditional writes being atomic; the sandbox runs
 moto's DynamoDB item operations one at a time so that a limit broken in the sandbox is broken by
-mailbroker, not by the emulator. ``python -m mailbroker.sandbox.moto_atomic`` takes moto.server's
+mailbroker, not by the emulator. ``python -m mailbroker_sandbox.moto_atomic`` takes moto.server's
 arguments.
 """
 

@@ -7,9 +7,10 @@ import argparse
 from typing import Any
 from urllib.parse import urlencode
 
-from mailbroker.cli.context import CliError, Context
-from mailbroker.cli.output import Output
 from mailbroker.integrations import MicrosoftIntegration
+
+from mailbroker_cli.context import CliError, Context
+from mailbroker_cli.output import Output
 
 OBJECT_ID_PLACEHOLDER = "<Enterprise Application object id>"
 

@@ -21,12 +21,12 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from mailbroker.cli.context import CliError, Context
-from mailbroker.cli.output import Output
+from mailbroker_cli.context import CliError, Context
+from mailbroker_cli.output import Output
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mailbroker.cli import consent, doctor, integrations, messages, setup
+    from mailbroker_cli import consent, doctor, integrations, messages, setup
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -116,7 +116,7 @@ def function_logs_on_stderr() -> Iterator[None]:
 
 
 def report_failure(exc: Exception, out: Output) -> int:
-    from mailbroker.cli.context import describe_failure
+    from mailbroker_cli.context import describe_failure
 
     described = describe_failure(exc)
     if described is None:
@@ -161,7 +161,7 @@ def troubleshooting_markdown() -> str:
 
 
 def run_local(args: argparse.Namespace, ctx: Context, out: Output) -> int:
-    from mailbroker.sandbox.local import serve
+    from mailbroker_sandbox.local import serve
 
     return serve(template=args.template, port=args.port, demo=not args.no_demo, out=out)
 

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from mailbroker.cli.context import Context
-from mailbroker.cli.output import Output
 from mailbroker.errors import MailbrokerError, classify_exception, classify_token_error
 from mailbroker.integrations import (
     GOOGLE_MAIL_SCOPE,
@@ -22,6 +20,9 @@ from mailbroker.integrations import (
     GoogleServiceAccountIntegration,
     MicrosoftIntegration,
 )
+
+from mailbroker_cli.context import Context
+from mailbroker_cli.output import Output
 
 # What Exchange Online's tokens carry as "aud": its resource URIs, or its first-party app id.
 EXCHANGE_AUDIENCES = frozenset(
@@ -96,7 +97,7 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
     try:
         integration = ctx.integrations.get(integration_id)
     except Exception as exc:
-        from mailbroker.cli.context import describe_failure
+        from mailbroker_cli.context import describe_failure
 
         error = classify_exception(exc)
         code, message, hint = describe_failure(exc) or (error.code, error.message, error.hint)

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mailbroker.cli.context import CliError, Context
-from mailbroker.cli.output import Output, ago
 from mailbroker.errors import InvalidIntegration, UnknownIntegration
 from mailbroker.integrations import parse_integration
+
+from mailbroker_cli.context import CliError, Context
+from mailbroker_cli.output import Output, ago
 
 PROVIDERS = ("microsoft", "google", "google_service_account", "oauth2", "basic")
 DEFAULT_SMTP = {

@@ -45,9 +45,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
-
 from mailbroker.integrations import DEFAULT_GOOGLE_TOKEN_URI, GOOGLE_MAIL_SCOPE, is_loopback_host
-from mailbroker.sandbox.ca import SandboxCA
+
+from mailbroker_sandbox.ca import SandboxCA
 
 _log = logging.getLogger(__name__)
 

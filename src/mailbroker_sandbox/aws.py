@@ -58,7 +58,7 @@ def aws_environment(endpoint_url: str, region: str = DEFAULT_REGION) -> dict[str
 
 class MotoServer:
     """moto server on a free loopback port, in its own process, with DynamoDB's conditional
-    writes atomic as in the real service (``mailbroker.sandbox.moto_atomic``).
+    writes atomic as in the real service (``mailbroker_sandbox.moto_atomic``).
 
     Use as a context manager, or ``start()`` / ``stop()``. ``endpoint_url`` is set once started.
     """
@@ -79,7 +79,7 @@ class MotoServer:
             port = self.port or _free_port(self.host)
             self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the server writes to it until stop()
             process = subprocess.Popen(
-                [sys.executable, "-m", "mailbroker.sandbox.moto_atomic", "-H", self.host, "-p", str(port)],
+                [sys.executable, "-m", "mailbroker_sandbox.moto_atomic", "-H", self.host, "-p", str(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,

@@ -1,0 +1,103 @@
+"""What ships is what runs: the layer holds the runtime package and its requirements, nothing a
+test, the sandbox or the CLI needs, and every shipped module imports with only those plus the
+boto3 that Lambda's runtime provides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYER_SOURCE = ROOT / "layers" / "mailbroker"
+
+
+def _pip_install(target: Path, *args: str) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-compile",
+            "--target",
+            str(target),
+            *args,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def staged_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The layer as `sam build` stages it (the same Makefile target), for this machine's platform
+    so that its modules can be imported here."""
+    artifacts = tmp_path_factory.mktemp("layer")
+    env = {**os.environ, "ARTIFACTS_DIR": str(artifacts)}
+    subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(LAYER_SOURCE),
+            "build-MailbrokerLayer",
+            f"PYTHON={sys.executable}",
+            "PLATFORM_FLAGS=",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return artifacts / "python"
+
+
+def _shipped_modules(python_dir: Path) -> list[str]:
+    package = python_dir / "mailbroker"
+    names = []
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(python_dir).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_built_layer_holds_no_sandbox_no_cli_and_no_dev_packages(staged_layer: Path):
+    top_level = {p.name for p in staged_layer.iterdir()}
+    assert "mailbroker" in top_level
+    assert not {"mailbroker_cli", "mailbroker_sandbox", "tests", "bench"} & top_level
+    assert not (staged_layer / "mailbroker" / "sandbox").exists()
+    assert not (staged_layer / "mailbroker" / "cli").exists()
+    for dev_only in ("moto", "aiosmtpd", "yaml", "pytest", "hypothesis", "google_auth_oauthlib"):
+        assert not (staged_layer / dev_only).exists(), dev_only
+    assert not list(staged_layer.rglob("__pycache__"))
+
+
+def test_every_shipped_module_imports_with_only_the_layer_and_the_runtime_boto3(
+    staged_layer: Path, tmp_path: Path
+):
+    runtime = tmp_path / "runtime"
+    _pip_install(runtime, "boto3")
+    modules = _shipped_modules(staged_layer)
+    assert "mailbroker.handlers.sender" in modules
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    # -S: no site-packages, so nothing of this checkout's venv can stand in for a missing module.
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script, *modules],
+        env={
+            "PYTHONPATH": os.pathsep.join([str(staged_layer), str(runtime)]),
+            "PATH": os.environ.get("PATH", ""),
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "POWERTOOLS_SERVICE_NAME": "mailbroker",
+        },
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
