@@ -76,6 +76,9 @@ def test_built_layer_holds_no_sandbox_no_cli_and_no_dev_packages(staged_layer: P
     assert not (staged_layer / "mailbroker" / "cli").exists()
     for dev_only in ("moto", "aiosmtpd", "yaml", "pytest", "hypothesis", "google_auth_oauthlib"):
         assert not (staged_layer / dev_only).exists(), dev_only
+    # Lambda's runtime provides these: a second copy would only double the layer.
+    for runtime_provided in ("boto3", "botocore", "s3transfer"):
+        assert not (staged_layer / runtime_provided).exists(), runtime_provided
     assert not list(staged_layer.rglob("__pycache__"))
 
 
@@ -101,3 +104,9 @@ def test_every_shipped_module_imports_with_only_the_layer_and_the_runtime_boto3(
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_api_never_enables_swagger_whose_assets_the_layer_leaves_out():
+    package = ROOT / "layers" / "mailbroker" / "mailbroker"
+    sources = "\n".join(p.read_text() for p in package.rglob("*.py"))
+    assert "enable_swagger" not in sources
