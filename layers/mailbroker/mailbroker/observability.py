@@ -48,3 +48,25 @@ def trace_library(name: str) -> None:
     if name not in _patched:
         _patched.add(name)
         tracer.patch([name])
+
+
+def integration_metric(
+    name: str, integration_id: str, value: float, unit: str = "Count", **dimensions: str
+) -> None:
+    """One metric with the integration (and any other) dimension, flushed at once: a batch mixes
+    integrations, so the handler's shared dimension set cannot carry them. Never raises."""
+    from aws_lambda_powertools.metrics import MetricUnit, single_metric
+
+    try:
+        with single_metric(
+            name=name,
+            unit=MetricUnit(unit),
+            value=value,
+            namespace=metrics.namespace,
+            default_dimensions=metrics.default_dimensions,
+        ) as metric:
+            metric.add_dimension(name="integration", value=integration_id)
+            for key, dimension in dimensions.items():
+                metric.add_dimension(name=key, value=dimension)
+    except Exception as exc:  # a metric never fails a delivery
+        logger.debug("metric not emitted", extra={"metric": name, "why": type(exc).__name__})
