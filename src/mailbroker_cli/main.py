@@ -129,13 +129,21 @@ def list_errors(args: argparse.Namespace, ctx: Context, out: Output) -> int:
     from mailbroker.errors import CATALOGUE
 
     if out.as_json:
-        out.json([{"code": k.code, "retryable": k.retryable, "hint": k.hint} for k in CATALOGUE.values()])
+        out.json(
+            [
+                {"code": k.code, "retryable": k.retryable, "http_status": k.http_status, "hint": k.hint}
+                for k in CATALOGUE.values()
+            ]
+        )
     elif args.markdown:
         out.line(troubleshooting_markdown().rstrip("\n"))
     else:
         out.table(
-            ["CODE", "RETRIED", "WHAT TO DO"],
-            [[k.code, "yes" if k.retryable else "no", k.hint] for k in CATALOGUE.values()],
+            ["CODE", "RETRIED", "HTTP", "WHAT TO DO"],
+            [
+                [k.code, "yes" if k.retryable else "no", str(k.http_status), k.hint]
+                for k in CATALOGUE.values()
+            ],
         )
     return 0
 
@@ -151,12 +159,13 @@ def troubleshooting_markdown() -> str:
         "dead-letter queue's message attributes, `mailbroker doctor` and the HTTP API's error bodies.",
         "Generated from `mailbroker/errors.py`: `mailbroker errors --markdown > docs/troubleshooting.md`.",
         "",
-        "| code | retried | what to do |",
-        "| --- | --- | --- |",
+        "| code | retried | HTTP | what to do |",
+        "| --- | --- | --- | --- |",
     ]
     for kind in CATALOGUE.values():
         hint = kind.hint.replace("|", "\\|")
-        lines.append(f"| `{kind.code}` | {'yes' if kind.retryable else 'no'} | {hint} |")
+        retried = "yes" if kind.retryable else "no"
+        lines.append(f"| `{kind.code}` | {retried} | {kind.http_status} | {hint} |")
     return "\n".join(lines) + "\n"
 
 

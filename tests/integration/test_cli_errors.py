@@ -37,11 +37,11 @@ def test_troubleshooting_page_has_one_row_per_code_with_its_hint():
         assert kind.hint.replace("|", "\\|") in row
 
 
-def test_errors_json_lists_every_code_with_its_retry_rule(capsys):
+def test_errors_json_lists_every_code_with_its_retry_rule_and_http_status(capsys):
     code, out = run(capsys, "errors", "--json")
 
     listed = json.loads(out)
     assert code == 0
-    assert {entry["code"]: entry["retryable"] for entry in listed} == {
-        code: kind.retryable for code, kind in CATALOGUE.items()
+    assert {entry["code"]: (entry["retryable"], entry["http_status"]) for entry in listed} == {
+        code: (kind.retryable, kind.http_status) for code, kind in CATALOGUE.items()
     }

@@ -1,9 +1,10 @@
 """Every failure mailbroker knows, classified once, here.
 
-A failure has a stable ``code`` (the contract of DESIGN.md), a ``retryable`` flag and a ``hint``
-that tells an operator what to do. Token endpoint answers and SMTP replies are mapped to codes by
-the two tables in this module (``classify_token_error`` and ``classify_smtp_reply``); nothing else
-decides what a failure means.
+A failure has a stable ``code`` (a contract: see docs/design.md), a ``retryable`` flag, the HTTP
+status the API answers with it, and a ``hint`` that tells an operator what to do. The HTTP API,
+the direct invoke, status records and the README's troubleshooting table all read this catalogue.
+Token endpoint answers and SMTP replies are mapped to codes by the two tables in this module
+(``classify_token_error`` and ``classify_smtp_reply``); nothing else decides what a failure means.
 
 Messages never carry a credential: callers pass descriptions, never tokens or secrets, and the
 token classifier keeps only the provider's error code and description.
@@ -18,42 +19,73 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ErrorKind:
+    """One code of the catalogue: whether mailbroker retries it, the HTTP status the API answers
+    with it, and the hint that names the fix."""
+
     code: str
     retryable: bool
+    http_status: int
     hint: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.http_status, int) or not 400 <= self.http_status < 600:
+            raise TypeError(f"error kind {self.code!r} needs an HTTP error status, got {self.http_status!r}")
 
 
 def _kinds(*kinds: ErrorKind) -> dict[str, ErrorKind]:
     return {k.code: k for k in kinds}
 
 
+# A code's HTTP status is what the HTTP API answers when the error reaches it: 4xx for a request
+# the caller must change, 502 for an upstream (token endpoint, SMTP server) that refused, 503 for
+# what is worth retrying as it is.
 CATALOGUE: dict[str, ErrorKind] = _kinds(
+    ErrorKind(
+        "invalid_request",
+        False,
+        400,
+        "The request does not match the API's schema (or, for a direct invoke, "
+        '{"integration": "<id>", "force_refresh": false}): fix the fields listed in \'details\'.',
+    ),
+    ErrorKind(
+        "not_found",
+        False,
+        404,
+        "Nothing is recorded at this route or id: check the route against the README's HTTP API "
+        "table and the id. Message status records are kept for IDEMPOTENCY_HOURS after their last "
+        "change; a health record appears after the keeper's first run.",
+    ),
     ErrorKind(
         "invalid_message",
         False,
+        400,
         "Fix the message JSON: every problem is listed in 'details'. It will not be retried.",
     ),
     ErrorKind(
         "invalid_integration",
         False,
+        400,
         "The integration's secret does not match the schema for its provider: fix the named field "
         "with 'mailbroker integration add' (it validates before writing).",
     ),
     ErrorKind(
         "unknown_integration",
         False,
+        404,
         "No secret named ${SECRET_PREFIX}<id> exists: register it with 'mailbroker integration add' "
         "or correct the integration id in the message.",
     ),
     ErrorKind(
         "sender_not_allowed",
         False,
+        403,
         "The 'from' address must be listed in the integration's 'senders' (or be its 'username'), "
         "and the message 'usage' must be enabled in its 'usage' list.",
     ),
     ErrorKind(
         "token_invalid_grant",
         False,
+        502,
         "The refresh token was rejected (expired or revoked). Google apps left in 'Testing' "
         "publishing status lose refresh tokens after 7 days; tokens also die after 6 months unused "
         "or on a password change. Re-consent: 'mailbroker consent google <id>'.",
@@ -61,6 +93,7 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
     ErrorKind(
         "token_invalid_client",
         False,
+        502,
         "The client id or secret was rejected (AADSTS7000215: secret value wrong — use the secret's "
         "Value, not its ID; AADSTS7000222: secret expired; unauthorized_client: the app may not use "
         "this grant). Create a new secret and update the integration.",
@@ -68,12 +101,14 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
     ErrorKind(
         "token_unavailable",
         True,
+        503,
         "The token endpoint did not answer usefully (5xx, 429 or timeout). Retried with back-off; "
         "if it persists, check the provider's status page and the endpoint URL.",
     ),
     ErrorKind(
         "token_scope_invalid",
         False,
+        502,
         "The provider refused the requested scope: Microsoft needs "
         "'https://outlook.office365.com/.default' with the SMTP.SendAsApp application permission "
         "granted; Google needs 'https://mail.google.com/'.",
@@ -81,6 +116,7 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
     ErrorKind(
         "smtp_auth_failed",
         False,
+        502,
         "The server refused the token even after a fresh one. Microsoft 365: the Exchange service "
         "principal is missing or lacks mailbox permission — run 'mailbroker setup microsoft <id>' "
         "for the New-ServicePrincipal and Add-MailboxPermission commands (use the Enterprise "
@@ -89,18 +125,21 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
     ErrorKind(
         "smtp_auth_disabled",
         False,
+        502,
         "SMTP AUTH is disabled for the tenant or mailbox (535 5.7.139), or security defaults block "
         "it: Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false.",
     ),
     ErrorKind(
         "send_as_denied",
         False,
+        502,
         "The mailbox may not send as this 'from' address (SendAsDenied): grant it with "
         "Add-RecipientPermission <from> -AccessRights SendAs -Trustee <service principal>.",
     ),
     ErrorKind(
         "throttled",
         True,
+        503,
         "The server asked to slow down (432 4.3.2, 421, 451 4.7.x, 454 4.7.0, 450 4.2.1). Retried "
         "with back-off; lower the integration's limits if it recurs (Microsoft 365: 30 msg/min, 3 "
         "connections per mailbox).",
@@ -108,28 +147,33 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
     ErrorKind(
         "recipient_rejected",
         False,
+        502,
         "The server refused this recipient (550/553 on RCPT): check the address; the other "
         "recipients were delivered.",
     ),
     ErrorKind(
         "message_too_large",
         False,
+        502,
         "The message exceeds the server's SIZE limit (552 or the EHLO SIZE): send smaller "
         "attachments or a link instead.",
     ),
     ErrorKind(
         "smtp_transient",
         True,
+        503,
         "A temporary SMTP failure (other 4xx, dropped connection or timeout). Retried with back-off.",
     ),
     ErrorKind(
         "smtp_permanent",
         False,
+        502,
         "The server refused the message permanently (5xx): its reply is in 'message'.",
     ),
     ErrorKind(
         "tls_failed",
         False,
+        502,
         "TLS could not be established or the certificate is not trusted. Certificates are always "
         "verified: install a private CA through SSL_CERT_FILE, and check host and 'security' "
         "(starttls on 587, tls on 465).",
@@ -137,12 +181,14 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
     ErrorKind(
         "address_not_allowed",
         False,
+        400,
         "The SMTP host or token URL resolves to a link-local or instance-metadata address, or "
         "'security: none' points off loopback: credentials are never sent there.",
     ),
     ErrorKind(
         "delivery_uncertain",
         False,
+        502,
         "The connection was lost after the message body was sent but before the server's reply: "
         "the server may have accepted it. It is not resent automatically, to avoid a duplicate; "
         "check the recipient's mailbox, then re-drive it from the dead-letter queue if it is missing.",
@@ -150,24 +196,28 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
     ErrorKind(
         "expired",
         False,
+        500,
         "The message stayed undeliverable longer than the maximum retry age; the last error is "
         "attached. Re-drive it from the dead-letter queue once the cause is fixed.",
     ),
     ErrorKind(
         "caller_not_allowed",
         False,
+        403,
         "This IAM principal may not fetch tokens over HTTP: add its role ARN to the stack's "
         "TokenApiPrincipals parameter, or call through a principal that is listed.",
     ),
     ErrorKind(
         "aws_unavailable",
         True,
+        503,
         "An AWS dependency (DynamoDB, Secrets Manager, SQS, KMS) was throttled or unavailable. "
         "Retried with back-off.",
     ),
     ErrorKind(
         "internal_error",
         True,
+        503,
         "An unexpected error; it was logged with its stack trace (without credentials).",
     ),
 )
@@ -221,6 +271,18 @@ class MailbrokerError(Exception):
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
         return body
+
+
+class InvalidRequest(MailbrokerError):
+    """A request (HTTP body, path or direct-invoke event) that does not match the API's schema."""
+
+    code = "invalid_request"
+
+
+class NotFound(MailbrokerError):
+    """Nothing at this route, or no record for this id."""
+
+    code = "not_found"
 
 
 class InvalidMessage(MailbrokerError):

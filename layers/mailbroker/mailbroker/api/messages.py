@@ -9,8 +9,7 @@ from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
 from mailbroker import runtime
-from mailbroker.api.resolver import error_response
-from mailbroker.errors import InvalidMessage
+from mailbroker.errors import InvalidMessage, NotFound
 from mailbroker.messages.queue import MessageQueue
 from mailbroker.messages.status import MessageStatusStore
 from mailbroker.settings import get_settings
@@ -45,18 +44,13 @@ def post_message() -> Response[dict[str, Any]]:
 
 @router.get("/v1/messages/<message_id>")
 def get_message(message_id: str) -> Response[dict[str, Any]]:
-    """The message's status record, or 404 ``not_found``."""
+    """The message's status record, or ``not_found`` (404)."""
     message_id = unquote(message_id)
     record = _statuses().get(message_id)
     if record is None:
-        return error_response(
-            404,
-            {
-                "code": "not_found",
-                "message": "no status record for this message id",
-                "hint": "Records are kept for the idempotency window (IDEMPOTENCY_HOURS) after the "
-                "last change; check the id, or the dead-letter queue for an invalid message.",
-                "retryable": False,
-            },
+        raise NotFound(
+            "no status record for this message id",
+            hint="Records are kept for the idempotency window (IDEMPOTENCY_HOURS) after the last "
+            "change; check the id, or the dead-letter queue for an invalid message.",
         )
     return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=record.to_public())

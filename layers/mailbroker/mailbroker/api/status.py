@@ -8,6 +8,7 @@ from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
 from mailbroker import runtime
+from mailbroker.errors import NotFound
 from mailbroker.settings import get_settings
 
 router = Router()
@@ -16,22 +17,16 @@ router = Router()
 @router.get("/v1/integrations/<integration_id>/health")
 def integration_health(integration_id: str) -> Response[dict[str, Any]]:
     """The keeper's last health record of the integration."""
-    from mailbroker.api.resolver import error_response
     from mailbroker.health import HealthStore
 
     record = HealthStore(runtime.aws_client("dynamodb"), get_settings().token_table).get(integration_id)
     if record is not None:
         return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=record.to_dict())
     runtime.integration_store().get(integration_id)  # unknown_integration (404) when there is none
-    return error_response(
-        404,
-        {
-            "code": "not_found",
-            "message": f"no health record for {integration_id!r} yet",
-            "hint": "The keeper writes one on its next scheduled run; POST "
-            f"/v1/integrations/{integration_id}/check runs a live check now.",
-            "retryable": True,
-        },
+    raise NotFound(
+        f"no health record for {integration_id!r} yet",
+        hint="The keeper writes one on its next scheduled run; POST "
+        f"/v1/integrations/{integration_id}/check runs a live check now.",
     )
 
 

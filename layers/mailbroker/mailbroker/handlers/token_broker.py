@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mailbroker import runtime
-from mailbroker.errors import MailbrokerError, classify_exception
+from mailbroker.errors import InvalidRequest, MailbrokerError, classify_exception
 from mailbroker.observability import logger, metrics
 
 
@@ -41,15 +41,12 @@ def direct_invoke(event: Any) -> dict[str, Any]:
             {"field": ".".join(str(p) for p in e["loc"]) or "(event)", "problem": e["msg"]}
             for e in exc.errors(include_input=False, include_url=False)
         ]
-        return {
-            "error": {
-                "code": "invalid_request",
-                "message": 'the event must be {"integration": "<id>", "force_refresh": false}',
-                "hint": "Fix the fields listed in 'details'.",
-                "retryable": False,
-                "details": details,
-            }
-        }
+        invalid = InvalidRequest(
+            'the event must be {"integration": "<id>", "force_refresh": false}',
+            details=details,
+            hint="Fix the fields listed in 'details'.",
+        )
+        return {"error": invalid.to_dict()}
     try:
         token = runtime.token_broker().token_for(request.integration, force_refresh=request.force_refresh)
     except Exception as exc:
