@@ -106,10 +106,10 @@ def run(sandbox: Any, *, smoke: bool) -> list[Row]:
 
 def _check_interval(env: dict[str, str], lifetime: float, interval: float) -> None:
     """The broker's own policy must put the refresh where the plan expects it."""
-    from mailbroker.settings import Settings
+    from mailbroker.settings import TokenPolicyEnv
     from mailbroker.tokens.model import CachedToken, RefreshPolicy
 
-    settings = Settings.from_env(env)
+    settings = TokenPolicyEnv.from_env(env)
     policy = RefreshPolicy(min_margin=settings.refresh_min_margin, fraction=settings.refresh_fraction)
     served = policy.refresh_at(CachedToken("x", issued_at=0.0, expires_at=lifetime))
     if abs(served - interval) > 1e-6:
@@ -265,10 +265,10 @@ def _clients(spec: dict[str, Any]) -> dict[str, Any]:
     import msal
     from mailbroker import runtime
     from mailbroker.integrations import parse_integration
-    from mailbroker.settings import Settings
+    from mailbroker.settings import TokenCacheEnv
 
     integration = parse_integration(spec["integration"])
-    broker = runtime.build_token_broker(Settings.from_env(os.environ), _OneIntegration(integration))
+    broker = runtime.build_token_broker(TokenCacheEnv.from_env(os.environ), _OneIntegration(integration))
 
     def msal_app(variant: str) -> Any:
         return msal.ConfidentialClientApplication(

@@ -12,9 +12,23 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from mailbroker.settings import Settings
+from mailbroker.settings import (
+    EnvModel,
+    MessageWindowEnv,
+    SecretsEnv,
+    SettingsError,
+    TokenPolicyEnv,
+    TokenTableEnv,
+)
+from pydantic import Field
+
+if TYPE_CHECKING:
+    from mailbroker.health import HealthStore
+    from mailbroker.integrations import IntegrationStore
+
+M = TypeVar("M", bound=EnvModel)
 
 # Stack output -> the environment variable the functions read.
 STACK_OUTPUTS = {
@@ -26,6 +40,18 @@ STACK_OUTPUTS = {
     "AlertTopicArn": "ALERT_TOPIC_ARN",
     "TokenKeyArn": "TOKEN_KEY_ID",
 }
+
+
+class OperatorSettings(SecretsEnv, TokenPolicyEnv, MessageWindowEnv):
+    """What the CLI reads: the functions' variables, each name optional because each command needs
+    only some of them (:meth:`Context.require` names the one that is missing)."""
+
+    token_table: str | None = Field(default=None, alias="TOKEN_TABLE")
+    token_key_id: str | None = Field(default=None, alias="TOKEN_KEY_ID")
+    message_table: str | None = Field(default=None, alias="MESSAGE_TABLE")
+    send_queue_url: str | None = Field(default=None, alias="SEND_QUEUE_URL")
+    dead_letter_queue_url: str | None = Field(default=None, alias="DEAD_LETTER_QUEUE_URL")
+    alert_topic_arn: str | None = Field(default=None, alias="ALERT_TOPIC_ARN")
 
 
 class CliError(Exception):
@@ -44,12 +70,26 @@ class Context:
         self.stack = stack or self.env.get("MAILBROKER_STACK") or None
 
     @cached_property
-    def settings(self) -> Settings:
+    def values(self) -> dict[str, str]:
+        """The stack's outputs (with ``--stack``) under the functions' variable names, overridden by
+        the variables that are set."""
         values: dict[str, str] = {}
         if self.stack:
             values.update(self._stack_outputs(self.stack))
         values.update({k: v for k, v in self.env.items() if v})
-        return Settings.from_env(values)
+        return values
+
+    @cached_property
+    def settings(self) -> OperatorSettings:
+        return OperatorSettings.from_env(self.values)
+
+    def needs(self, model: type[M]) -> M:
+        """The settings ``model`` a command needs (a mixin of :mod:`mailbroker.settings`); a variable
+        it requires that is not set is a :class:`CliError` naming it."""
+        try:
+            return model.from_env(self.values)
+        except SettingsError as exc:
+            raise self._not_configured(" and ".join(exc.variables), "; ".join(exc.problems)) from None
 
     def client(self, service: str) -> Any:
         from mailbroker import runtime
@@ -57,27 +97,31 @@ class Context:
         return runtime.aws_client(service)
 
     @cached_property
-    def integrations(self) -> Any:
-        from mailbroker.integrations import IntegrationStore
+    def integrations(self) -> IntegrationStore:
+        from mailbroker import runtime
 
-        return IntegrationStore(self.client("secretsmanager"), self.settings.secret_prefix, max_age=0)
+        return runtime.build_integration_store(self.settings, max_age=0)
 
     @cached_property
-    def health(self) -> Any:
-        from mailbroker.health import HealthStore
+    def health(self) -> HealthStore:
+        from mailbroker import runtime
 
-        return HealthStore(self.client("dynamodb"), self.require("token_table", "TOKEN_TABLE"))
+        return runtime.health_store(self.needs(TokenTableEnv))
 
     def require(self, attribute: str, variable: str) -> str:
         value = getattr(self.settings, attribute)
         if not value:
-            raise CliError(
-                f"{variable} is not set",
-                code="not_configured",
-                hint=f"Export {variable} (as the functions see it), or pass --stack <name> to read it "
-                "from the deployed stack's outputs. 'mailbroker local' prints the sandbox's values.",
-            )
+            raise self._not_configured(variable, f"{variable} is not set")
         return str(value)
+
+    @staticmethod
+    def _not_configured(variables: str, message: str) -> CliError:
+        return CliError(
+            message,
+            code="not_configured",
+            hint=f"Export {variables} (as the functions see it), or pass --stack <name> to read it "
+            "from the deployed stack's outputs. 'mailbroker local' prints the sandbox's values.",
+        )
 
     def _stack_outputs(self, name: str) -> dict[str, str]:
         answer = self.client("cloudformation").describe_stacks(StackName=name)

@@ -8,13 +8,18 @@ import json
 import mimetypes
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbroker.errors import InvalidMessage, MailbrokerError
+from mailbroker.settings import MessageTableEnv, SendQueueEnv
 
 from mailbroker_cli.context import CliError, Context
 from mailbroker_cli.integrations import parse_sender, read_json
 from mailbroker_cli.output import Output
+
+if TYPE_CHECKING:
+    from mailbroker.messages.queue import MessageQueue
+    from mailbroker.messages.status import MessageStatusStore
 
 FINAL = ("sent", "failed")
 STATUS_COLOURS = {"sent": "green", "failed": "red", "retrying": "yellow", "queued": "blue", "sending": "blue"}
@@ -75,25 +80,16 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 # --- send / status ----------------------------------------------------------------------------------
 
 
-def message_queue(ctx: Context) -> Any:
-    from mailbroker.messages.queue import MessageQueue
+def message_queue(ctx: Context) -> MessageQueue:
+    from mailbroker import runtime
 
-    return MessageQueue(
-        ctx.client("sqs"),
-        ctx.require("send_queue_url", "SEND_QUEUE_URL"),
-        status_store(ctx),
-        ctx.integrations,
-    )
+    return runtime.message_queue(ctx.needs(SendQueueEnv), status_store(ctx), ctx.integrations)
 
 
-def status_store(ctx: Context) -> Any:
-    from mailbroker.messages.status import MessageStatusStore
+def status_store(ctx: Context) -> MessageStatusStore:
+    from mailbroker import runtime
 
-    return MessageStatusStore(
-        ctx.client("dynamodb"),
-        ctx.require("message_table", "MESSAGE_TABLE"),
-        window_seconds=ctx.settings.idempotency_hours * 3600,
-    )
+    return runtime.status_store(ctx.needs(MessageTableEnv))
 
 
 def build_message(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,8 +31,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from mailbroker.integrations import IntegrationStore
 
 FUNCTIONS = {
     "token_broker": "TokenBrokerFunction",
@@ -201,10 +204,11 @@ class Sandbox:
         return self.stack.client(service)
 
     @property
-    def integrations(self) -> Any:
-        from mailbroker.integrations import IntegrationStore
+    def integrations(self) -> IntegrationStore:
+        from mailbroker import runtime
+        from mailbroker.settings import SecretsEnv
 
-        return IntegrationStore(self.client("secretsmanager"), self.env["SECRET_PREFIX"], max_age=0)
+        return runtime.build_integration_store(SecretsEnv.from_env(self.env), max_age=0)
 
     # --- invoking functions -----------------------------------------------------------------------
 

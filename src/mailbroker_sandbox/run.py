@@ -17,10 +17,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbroker_cli.output import Output, ago
 from mailbroker_sandbox.local import FUNCTIONS, Demo, QueuePoller, Sandbox, _schedule_event
+
+if TYPE_CHECKING:
+    from mailbroker.messages.status import MessageStatusStore
 
 THROTTLED_RECIPIENT = "busy@example.net"
 THROTTLE_REPLY = (
@@ -428,14 +431,11 @@ class Run:
         )
 
 
-def _status_store(sandbox: Sandbox) -> Any:
-    from mailbroker.messages.status import MessageStatusStore
+def _status_store(sandbox: Sandbox) -> MessageStatusStore:
+    from mailbroker import runtime
+    from mailbroker.settings import MessageTableEnv
 
-    return MessageStatusStore(
-        sandbox.client("dynamodb"),
-        sandbox.env["MESSAGE_TABLE"],
-        window_seconds=float(sandbox.env.get("IDEMPOTENCY_HOURS", "24")) * 3600,
-    )
+    return runtime.status_store(MessageTableEnv.from_env(sandbox.env))
 
 
 def _ago_iso(text: str | None) -> str:

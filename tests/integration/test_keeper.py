@@ -266,13 +266,13 @@ def test_live_check_route_passes_every_step_for_a_good_integration(deployment):
 
 def test_refresh_token_is_exercised_against_the_provider_every_keep_alive_period(deployment, token_server):
     from mailbroker.handlers.keeper import build_keeper
-    from mailbroker.settings import get_settings
+    from mailbroker.settings import KeeperSettings, get_settings
 
     token_server.lifetime = 30 * 86400  # access tokens outlive the keep-alive period
     document = deployment.google("kept-alive")
     now = [time.time()]
     clock = lambda: now[0]  # noqa: E731
-    settings = get_settings()
+    settings = get_settings(KeeperSettings)
     broker = runtime.build_token_broker(settings, runtime.integration_store(), clock=clock)
 
     def run_at(offset_days: float) -> dict:

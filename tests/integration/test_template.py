@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from mailbroker.settings import Settings
+from mailbroker.settings import SenderSettings
 
 from mailbroker_sandbox.aws import MotoServer, provision
 
@@ -99,7 +99,7 @@ def test_function_env_names_resources_that_exist(stack, function_id):
 
 
 def test_function_env_parses_into_settings_that_point_at_the_stack(stack):
-    settings = Settings.from_env(stack.function_env("SenderFunction"))
+    settings = SenderSettings.from_env(stack.function_env("SenderFunction"))
 
     assert settings.token_table == stack.table_names["TokenTable"]
     assert settings.message_table == stack.table_names["MessageTable"]

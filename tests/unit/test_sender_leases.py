@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mailbroker import runtime
 from mailbroker.handlers.sender import LEASE_MARGIN_SECONDS, build_delivery
-from mailbroker.settings import Settings
+from mailbroker.settings import SenderSettings
 
 
 class Context:
@@ -21,10 +21,17 @@ def settings(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env = {
+        "MESSAGE_TABLE": "messages",
+        "TOKEN_TABLE": "tokens",
+        "TOKEN_KEY_ID": "alias/mailbroker",
+        "SEND_QUEUE_URL": "q",
+        "DEAD_LETTER_QUEUE_URL": "d",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     runtime.reset()
-    yield Settings(
-        MESSAGE_TABLE="messages", TOKEN_TABLE="tokens", SEND_QUEUE_URL="q", DEAD_LETTER_QUEUE_URL="d"
-    )
+    yield SenderSettings.from_env(env)
     runtime.reset()
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailbroker.settings import Settings
+from mailbroker.settings import FUNCTION_SETTINGS
 
 from mailbroker_sandbox.aws import load_template, references
 
@@ -156,7 +156,7 @@ def test_function_gets_every_variable_its_code_reads(function_id, needed):
 
 
 def test_every_variable_the_template_sets_is_read_by_the_settings_model_or_powertools():
-    read_by_settings = {field.alias for field in Settings.model_fields.values()}
+    read_by_settings = {field.alias for model in FUNCTION_SETTINGS for field in model.model_fields.values()}
     for function_id in FUNCTIONS:
         unread = {
             name for name in env_names(function_id) - read_by_settings if not name.startswith("POWERTOOLS_")

@@ -1,19 +1,35 @@
-"""Wiring for one execution environment: AWS clients and domain objects, built lazily on first
-use and kept for the environment's life. Handlers call these; domain code receives what they
-build. Nothing here runs at import time."""
+"""The composition root: every AWS client, store and queue is built here and nowhere else.
+
+Handlers, API routes, the CLI and the sandbox call these factories; domain code receives what
+they build. Each factory takes the settings mixin it needs (see :mod:`mailbroker.settings`), so
+the CLI can hand in values it read from a stack's outputs. What is built for the execution
+environment (clients, the integration store, the token broker) is built lazily on first use and
+kept for the environment's life. Nothing here runs at import time, and the domain modules are
+imported inside the factories so a handler's cold start loads only what its first call needs.
+"""
 
 from __future__ import annotations
 
 from functools import cache, lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mailbroker.settings import Settings, get_settings
+from mailbroker.settings import SecretsEnv, TokenCacheEnv, forget_settings, get_settings
+
+if TYPE_CHECKING:
+    from mailbroker.governor import SendGovernor
+    from mailbroker.health import HealthStore, SnsAlerts
+    from mailbroker.integrations import IntegrationStore
+    from mailbroker.messages.queue import MessageQueue, QueueActions
+    from mailbroker.messages.status import MessageStatusStore
+    from mailbroker.settings import AlertsEnv, MessageTableEnv, SenderSettings, SendQueueEnv, TokenTableEnv
+    from mailbroker.tokens.broker import TokenBroker
 
 
 @cache
 def aws_client(service: str) -> Any:
     """A boto3 client with short timeouts and standard retries. ``AWS_ENDPOINT_URL`` (boto3's own
-    variable) points every client at a local emulator."""
+    variable) points every client at a local emulator. (boto3 clients are generated at run time:
+    there is no static type to give.)"""
     import boto3
     from botocore.config import Config
 
@@ -25,22 +41,36 @@ def aws_client(service: str) -> Any:
     return boto3.client(service, config=config)
 
 
+# --- kept for the execution environment's life ----------------------------------------------------
+
+
 @lru_cache(maxsize=1)
-def integration_store() -> Any:
+def integration_store() -> IntegrationStore:
+    return build_integration_store(get_settings(SecretsEnv))
+
+
+@lru_cache(maxsize=1)
+def token_broker() -> TokenBroker:
+    return build_token_broker(get_settings(TokenCacheEnv), integration_store())
+
+
+# --- built from the settings they are given -----------------------------------------------------
+
+
+def build_integration_store(settings: SecretsEnv, *, max_age: int | None = None) -> IntegrationStore:
+    """The integrations' secrets; ``max_age=0`` reads every secret afresh (the CLI)."""
     from mailbroker.integrations import IntegrationStore
 
-    settings = get_settings()
     return IntegrationStore(
-        aws_client("secretsmanager"), settings.secret_prefix, max_age=settings.secret_max_age
+        aws_client("secretsmanager"),
+        settings.secret_prefix,
+        max_age=settings.secret_max_age if max_age is None else max_age,
     )
 
 
-@lru_cache(maxsize=1)
-def token_broker() -> Any:
-    return build_token_broker(get_settings(), integration_store())
-
-
-def build_token_broker(settings: Settings, integrations: Any, **overrides: Any) -> Any:
+def build_token_broker(settings: TokenCacheEnv, integrations: Any, **overrides: Any) -> TokenBroker:
+    """The token broker over the shared cache. ``overrides`` replace a collaborator (``kms``,
+    ``dynamodb``, ``providers``) or pass a keyword to :class:`TokenBroker` (``clock`` …)."""
     from mailbroker.tokens.broker import TokenBroker
     from mailbroker.tokens.crypto import TokenCipher
     from mailbroker.tokens.model import RefreshPolicy
@@ -62,9 +92,54 @@ def build_token_broker(settings: Settings, integrations: Any, **overrides: Any) 
     )
 
 
+def status_store(settings: MessageTableEnv) -> MessageStatusStore:
+    """The message status records, remembered for the idempotency window."""
+    from mailbroker.messages.status import MessageStatusStore
+
+    return MessageStatusStore(
+        aws_client("dynamodb"), settings.message_table, window_seconds=settings.idempotency_hours * 3600
+    )
+
+
+def message_queue(queue: SendQueueEnv, statuses: MessageStatusStore, integrations: Any) -> MessageQueue:
+    """Validate and enqueue messages onto the send queue, recording each as queued."""
+    from mailbroker.messages.queue import MessageQueue
+
+    return MessageQueue(aws_client("sqs"), queue.send_queue_url, statuses, integrations)
+
+
+def queue_actions(settings: SenderSettings) -> QueueActions:
+    """What the sender does to a record: delay it, or move it to the dead-letter queue."""
+    from mailbroker.messages.queue import QueueActions
+
+    return QueueActions(aws_client("sqs"), settings.send_queue_url, settings.dead_letter_queue_url)
+
+
+def send_governor(settings: MessageTableEnv) -> SendGovernor:
+    """Per-integration pace and connection slots, shared by every sender."""
+    from mailbroker.governor import SendGovernor
+
+    return SendGovernor(aws_client("dynamodb"), settings.message_table)
+
+
+def health_store(settings: TokenTableEnv) -> HealthStore:
+    """The keeper's health records (kept in the token table)."""
+    from mailbroker.health import HealthStore
+
+    return HealthStore(aws_client("dynamodb"), settings.token_table)
+
+
+def alerts(settings: AlertsEnv) -> SnsAlerts:
+    """The keeper's alerts, published on the stack's topic."""
+    from mailbroker.health import SnsAlerts
+
+    return SnsAlerts(aws_client("sns"), settings.alert_topic_arn)
+
+
 def reset() -> None:
-    """Forget every cached client and object (tests change the environment between cases)."""
-    get_settings.cache_clear()
+    """Forget every cached client, object and parsed setting (tests change the environment
+    between cases)."""
+    forget_settings()
     aws_client.cache_clear()
     integration_store.cache_clear()
     token_broker.cache_clear()

@@ -10,20 +10,14 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 
 from mailbroker import runtime
 from mailbroker.errors import InvalidMessage, NotFound
-from mailbroker.messages.queue import MessageQueue
 from mailbroker.messages.status import MessageStatusStore
-from mailbroker.settings import get_settings
+from mailbroker.settings import TokenBrokerSettings, get_settings
 
 router = Router()
 
 
 def _statuses() -> MessageStatusStore:
-    settings = get_settings()
-    return MessageStatusStore(
-        runtime.aws_client("dynamodb"),
-        settings.message_table,
-        window_seconds=settings.idempotency_hours * 3600,
-    )
+    return runtime.status_store(get_settings(TokenBrokerSettings))
 
 
 @router.post("/v1/messages")
@@ -35,9 +29,7 @@ def post_message() -> Response[dict[str, Any]]:
         raise InvalidMessage(
             "the request has no body", details=[{"field": "(root)", "problem": "a message JSON is required"}]
         )
-    queue = MessageQueue(
-        runtime.aws_client("sqs"), get_settings().send_queue_url, _statuses(), runtime.integration_store()
-    )
+    queue = runtime.message_queue(get_settings(TokenBrokerSettings), _statuses(), runtime.integration_store())
     answer = queue.enqueue(body)
     return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=answer)
 

@@ -9,7 +9,7 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 
 from mailbroker import runtime
 from mailbroker.errors import NotFound
-from mailbroker.settings import get_settings
+from mailbroker.settings import TokenBrokerSettings, get_settings
 
 router = Router()
 
@@ -17,9 +17,7 @@ router = Router()
 @router.get("/v1/integrations/<integration_id>/health")
 def integration_health(integration_id: str) -> Response[dict[str, Any]]:
     """The keeper's last health record of the integration."""
-    from mailbroker.health import HealthStore
-
-    record = HealthStore(runtime.aws_client("dynamodb"), get_settings().token_table).get(integration_id)
+    record = runtime.health_store(get_settings(TokenBrokerSettings)).get(integration_id)
     if record is not None:
         return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=record.to_dict())
     runtime.integration_store().get(integration_id)  # unknown_integration (404) when there is none

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from mailbroker import runtime
 from mailbroker.errors import MailbrokerError
 from mailbroker.observability import metrics
-from mailbroker.settings import get_settings
+from mailbroker.settings import TokenBrokerSettings, get_settings
 
 router = Router()
 
@@ -39,7 +39,7 @@ def caller_principals(event: dict) -> set[str]:
 
 @router.post("/v1/integrations/<integration_id>/token")
 def issue_token(integration_id: str, request: Annotated[TokenRequest | None, Body()] = None) -> dict:
-    allowed = get_settings().token_principals
+    allowed = get_settings(TokenBrokerSettings).token_principals
     if allowed and not caller_principals(router.current_event.raw_event) & allowed:
         raise MailbrokerError(
             "the caller is not among the token route's allowed principals", code="caller_not_allowed"

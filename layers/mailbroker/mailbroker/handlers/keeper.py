@@ -6,13 +6,14 @@ from typing import Any
 
 from mailbroker import runtime
 from mailbroker.observability import logger, metrics
-from mailbroker.settings import Settings, get_settings
+from mailbroker.settings import KeeperSettings, get_settings
 
 
 def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Run the keeper once; answer the summary ``{checked, healthy, refreshed, unhealthy, alerts}``."""
+    settings = get_settings(KeeperSettings)
     logger.info("keeper run started", extra={"source": (event or {}).get("source")})
-    summary = build_keeper(get_settings()).run()
+    summary = build_keeper(settings).run()
     metrics.add_metric(name="IntegrationsChecked", unit="Count", value=len(summary.checked))
     metrics.add_metric(name="IntegrationsUnhealthy", unit="Count", value=len(summary.unhealthy))
     metrics.add_metric(name="RefreshTokensExercised", unit="Count", value=len(summary.refreshed))
@@ -20,16 +21,15 @@ def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return summary.to_dict()
 
 
-def build_keeper(settings: Settings, **overrides: Any) -> Any:
-    from mailbroker.health import HealthStore, SnsAlerts
+def build_keeper(settings: KeeperSettings, **overrides: Any) -> Any:
     from mailbroker.keeper import Keeper, live_smtp_check
 
     broker = overrides.pop("broker", None) or runtime.token_broker()
     return Keeper(
         overrides.pop("integrations", None) or runtime.integration_store(),
         broker,
-        HealthStore(runtime.aws_client("dynamodb"), settings.token_table),
-        SnsAlerts(runtime.aws_client("sns"), settings.alert_topic_arn),
+        runtime.health_store(settings),
+        runtime.alerts(settings),
         keep_alive_days=settings.keep_alive_days,
         secret_expiry_warning_days=settings.secret_expiry_warning_days,
         smtp_check=lambda integration: live_smtp_check(integration, broker),

@@ -13,15 +13,13 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 
 from mailbroker import runtime
 from mailbroker.messages.delivery import DEFAULT_LEASE_SECONDS, Delivery
-from mailbroker.messages.queue import QueueActions
-from mailbroker.messages.status import MessageStatusStore
-from mailbroker.settings import Settings, get_settings
+from mailbroker.settings import SenderSettings, get_settings
 
 LEASE_MARGIN_SECONDS = 60.0
 
 
 def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    delivery = build_delivery(get_settings(), context)
+    delivery = build_delivery(get_settings(SenderSettings), context)
     # Every record failing is still a partial answer: raising would also fail the records that
     # were dead-lettered on purpose, and count as a function error.
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
@@ -34,29 +32,19 @@ def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
         delivery.close()
 
 
-def build_delivery(settings: Settings, context: Any = None) -> Delivery:
-    sqs = runtime.aws_client("sqs")
-    dynamodb = runtime.aws_client("dynamodb")
+def build_delivery(settings: SenderSettings, context: Any = None) -> Delivery:
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     remaining = remaining if callable(remaining) else None
     # Claims and connection slots outlive this invocation by a margin, no more: a sender that
     # crashes frees them a minute after its timeout instead of holding them for minutes.
     lease = remaining() / 1000 + LEASE_MARGIN_SECONDS if remaining else DEFAULT_LEASE_SECONDS
     return Delivery(
-        statuses=MessageStatusStore(
-            dynamodb, settings.message_table, window_seconds=settings.idempotency_hours * 3600
-        ),
-        queue=QueueActions(sqs, settings.send_queue_url, settings.dead_letter_queue_url),
+        statuses=runtime.status_store(settings),
+        queue=runtime.queue_actions(settings),
         integrations=runtime.integration_store(),
         token_broker=runtime.token_broker(),
-        governor=_governor(dynamodb, settings),
+        governor=runtime.send_governor(settings),
         max_message_age_seconds=settings.max_message_age_hours * 3600,
         remaining_ms=remaining,
         lease_seconds=lease,
     )
-
-
-def _governor(dynamodb: Any, settings: Settings) -> Any:
-    from mailbroker.governor import SendGovernor
-
-    return SendGovernor(dynamodb, settings.message_table)

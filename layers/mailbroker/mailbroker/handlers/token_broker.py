@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mailbroker import runtime
 from mailbroker.errors import InvalidRequest, MailbrokerError, classify_exception
 from mailbroker.observability import logger, metrics
+from mailbroker.settings import TokenBrokerSettings, get_settings
 
 
 class DirectInvoke(BaseModel):
@@ -26,6 +27,7 @@ def _resolver() -> Any:
 
 
 def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    get_settings(TokenBrokerSettings)  # a missing variable fails here, named, before any call
     if isinstance(event, dict) and "requestContext" in event and "routeKey" in event:
         return _resolver().resolve(event, context)
     return direct_invoke(event)
