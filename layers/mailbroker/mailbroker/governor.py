@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable, aws_failure
+from mailbroker.dynamodb import Table, integer, num, number
+from mailbroker.errors import AwsUnavailable
 
 _ATTEMPTS = 30  # conditional-write rounds before a contended caller is told to come back shortly
 _CONTENDED_RETRY = 1.0
@@ -91,8 +92,7 @@ class SendGovernor:
     ) -> None:
         """``busy_retry_seconds`` caps the delay given when every connection is taken: a live
         holder usually releases long before its lease expires."""
-        self._db = dynamodb_client
-        self._table = table
+        self._table = Table(dynamodb_client, table, purpose="for the send governor")
         self._clock = clock
         self._sleep = sleep
         self._busy_retry = busy_retry_seconds
@@ -109,8 +109,8 @@ class SendGovernor:
         for attempt in range(_ATTEMPTS):
             now = self._clock()
             item = self._get(key)
-            version = _int(item, "version")
-            slowed = _num(item, "slow_until") > now
+            version = integer(item, "version")
+            slowed = number(item, "slow_until") > now
             cap = _connection_cap(limits.max_connections, slowed=slowed)
             if cap is None:
                 return ConnectionSlot(integration_id, slot_id, now + lease_seconds, leased=False)
@@ -154,7 +154,7 @@ class SendGovernor:
                 item = self._get(key) if limits.messages_per_minute else {}
                 tokens = 0.0
                 if limits.messages_per_minute:
-                    pace = Pace.of(limits.messages_per_minute, slowed=_num(item, "slow_until") > now)
+                    pace = Pace.of(limits.messages_per_minute, slowed=number(item, "slow_until") > now)
                     tokens = _refilled(item, pace, now)
                     if tokens < 1.0:
                         raise GovernorDelay((1.0 - tokens) / pace.rate, "rate")
@@ -165,7 +165,7 @@ class SendGovernor:
                     return
                 if self._put_versioned(
                     key,
-                    _int(item, "version"),
+                    integer(item, "version"),
                     "SET tokens = :tokens, refilled_at = :now",
                     {":tokens": {"N": _tokens(tokens - 1.0)}, ":now": {"N": _time(now)}},
                     ttl=now + _TTL_GRACE,
@@ -192,42 +192,33 @@ class SendGovernor:
         next_midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC).timestamp()
         # A message larger than a whole day's cap goes through on an otherwise empty day.
         room = max(0, per_day - recipients)
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": _day_key(integration_id, day.isoformat())}},
-                UpdateExpression="ADD recipients :n SET #ttl = :ttl",
-                ConditionExpression="attribute_not_exists(recipients) OR recipients <= :room",
-                ExpressionAttributeNames={"#ttl": "ttl"},
-                ExpressionAttributeValues={
-                    ":n": {"N": str(recipients)},
-                    ":room": {"N": str(room)},
-                    ":ttl": {"N": str(int(next_midnight) + 2 * _TTL_GRACE)},
-                },
-            )
-        except self._db.exceptions.ConditionalCheckFailedException:
-            raise GovernorDelay(next_midnight - now, "recipients_per_day") from None
-        except Exception as exc:
-            raise _aws(exc, "UpdateItem") from exc
+        counted = self._table.update(
+            _day_key(integration_id, day.isoformat()),
+            "ADD recipients :n SET #ttl = :ttl",
+            condition="attribute_not_exists(recipients) OR recipients <= :room",
+            names={"#ttl": "ttl"},
+            values={
+                ":n": {"N": str(recipients)},
+                ":room": {"N": str(room)},
+                ":ttl": {"N": str(int(next_midnight) + 2 * _TTL_GRACE)},
+            },
+        )
+        if not counted:
+            raise GovernorDelay(next_midnight - now, "recipients_per_day")
         return day.isoformat()
 
     def _uncount_recipients(self, integration_id: str, day: str, recipients: int) -> None:
         # Best effort: a count that cannot be given back only makes the day's cap stricter.
-        with contextlib.suppress(Exception):
-            self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": _day_key(integration_id, day)}},
-                UpdateExpression="ADD recipients :n",
-                ConditionExpression="attribute_exists(recipients)",
-                ExpressionAttributeValues={":n": {"N": str(-recipients)}},
+        with contextlib.suppress(AwsUnavailable):
+            self._table.update(
+                _day_key(integration_id, day),
+                "ADD recipients :n",
+                condition="attribute_exists(recipients)",
+                values={":n": {"N": str(-recipients)}},
             )
 
     def _get(self, key: str) -> dict[str, Any]:
-        try:
-            answer = self._db.get_item(TableName=self._table, Key={"pk": {"S": key}}, ConsistentRead=True)
-        except Exception as exc:
-            raise _aws(exc, "GetItem") from exc
-        return answer.get("Item") or {}
+        return self._table.get(key) or {}
 
     def _put_versioned(
         self, key: str, version: int | None, update: str, values: dict[str, Any], *, ttl: float
@@ -240,20 +231,13 @@ class SendGovernor:
         else:
             condition = "version = :seen"
             values[":seen"] = {"N": str(version)}
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": key}},
-                UpdateExpression=f"{update}, #ttl = :ttl, version = if_not_exists(version, :zero) + :one",
-                ConditionExpression=condition,
-                ExpressionAttributeNames={"#ttl": "ttl"},
-                ExpressionAttributeValues=values,
-            )
-        except self._db.exceptions.ConditionalCheckFailedException:
-            return False
-        except Exception as exc:
-            raise _aws(exc, "UpdateItem") from exc
-        return True
+        return self._table.update(
+            key,
+            f"{update}, #ttl = :ttl, version = if_not_exists(version, :zero) + :one",
+            condition=condition,
+            names={"#ttl": "ttl"},
+            values=values,
+        )
 
     def _update_slot(self, slot: ConnectionSlot, update: str, values: dict[str, Any]) -> bool:
         set_version = "version = if_not_exists(version, :zero) + :one"
@@ -261,20 +245,13 @@ class SendGovernor:
             expression = f"{update}, {set_version}"
         else:
             expression = f"{update} SET {set_version}"
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": _conn_key(slot.integration_id)}},
-                UpdateExpression=expression,
-                ConditionExpression="attribute_exists(holders.#slot)",
-                ExpressionAttributeNames={"#slot": slot.slot_id},
-                ExpressionAttributeValues={**values, ":one": {"N": "1"}, ":zero": {"N": "0"}},
-            )
-        except self._db.exceptions.ConditionalCheckFailedException:
-            return False
-        except Exception as exc:
-            raise _aws(exc, "UpdateItem") from exc
-        return True
+        return self._table.update(
+            _conn_key(slot.integration_id),
+            expression,
+            condition="attribute_exists(holders.#slot)",
+            names={"#slot": slot.slot_id},
+            values={**values, ":one": {"N": "1"}, ":zero": {"N": "0"}},
+        )
 
     def _open_window(self, key: str, until: float, extra: str, now: float) -> None:
         """Set ``slow_until`` unless a longer window is already open; bump the version so that a
@@ -289,19 +266,14 @@ class SendGovernor:
         if extra:
             update += f", {extra}"
             values[":now"] = {"N": _time(now)}
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": key}},
-                UpdateExpression=update,
-                ConditionExpression="attribute_not_exists(slow_until) OR slow_until < :until",
-                ExpressionAttributeNames={"#ttl": "ttl"},
-                ExpressionAttributeValues=values,
-            )
-        except self._db.exceptions.ConditionalCheckFailedException:
-            pass  # a window at least as long is already open
-        except Exception as exc:
-            raise _aws(exc, "UpdateItem") from exc
+        # False: a window at least as long is already open.
+        self._table.update(
+            key,
+            update,
+            condition="attribute_not_exists(slow_until) OR slow_until < :until",
+            names={"#ttl": "ttl"},
+            values=values,
+        )
 
     def _back_off(self, attempt: int) -> None:
         self._sleep(random.uniform(0, min(0.05, 0.002 * (attempt + 1))))  # noqa: S311 - jitter
@@ -316,8 +288,8 @@ def _connection_cap(max_connections: int | None, *, slowed: bool) -> int | None:
 def _refilled(item: dict[str, Any], pace: Pace, now: float) -> float:
     if "refilled_at" not in item:
         return pace.burst
-    elapsed = max(0.0, now - _num(item, "refilled_at"))
-    return min(pace.burst, _num(item, "tokens") + elapsed * pace.rate)
+    elapsed = max(0.0, now - number(item, "refilled_at"))
+    return min(pace.burst, number(item, "tokens") + elapsed * pace.rate)
 
 
 def _conn_key(integration_id: str) -> str:
@@ -332,22 +304,10 @@ def _day_key(integration_id: str, day: str) -> str:
     return f"gov#{integration_id}#day#{day}"
 
 
-def _num(item: dict[str, Any], name: str) -> float:
-    return float(item[name]["N"]) if name in item else 0.0
-
-
-def _int(item: dict[str, Any], name: str) -> int | None:
-    return int(item[name]["N"]) if name in item else None
-
-
 def _time(value: float) -> str:
-    return f"{value:.6f}"
+    return num(value, places=6)
 
 
 def _tokens(value: float) -> str:
     """Round down: a rounding error may only ever cost capacity, never add it."""
     return f"{math.floor(max(0.0, value) * 1e9) / 1e9:.9f}"
-
-
-def _aws(exc: Exception, operation: str) -> AwsUnavailable:
-    return aws_failure(exc, f"DynamoDB {operation} for the send governor")

@@ -11,28 +11,17 @@ Records and alerts carry codes, hints and times, never a credential.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable, aws_failure
+from mailbroker.dynamodb import AWS_ERRORS, Table, epoch, iso
+from mailbroker.errors import aws_failure
+
+__all__ = ["Alert", "HealthError", "HealthRecord", "HealthStore", "SnsAlerts", "epoch", "iso"]
 
 # A record outlives its integration by this long (the table's TTL then removes it).
 RECORD_TTL_SECONDS = 30 * 86400
-
-
-def iso(moment: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC (``2026-11-21T12:00:00Z``)."""
-    if moment is None:
-        return None
-    return dt.datetime.fromtimestamp(moment, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def epoch(text: str | None) -> float | None:
-    if not text:
-        return None
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass(frozen=True)
@@ -112,20 +101,14 @@ class HealthStore:
     """Health records in the token table, written with optimistic concurrency."""
 
     def __init__(self, dynamodb_client: Any, table: str) -> None:
-        self._db = dynamodb_client
-        self._table = table
+        self._table = Table(dynamodb_client, table, purpose="for a health record")
 
     @staticmethod
     def key(integration_id: str) -> str:
         return f"health#{integration_id}"
 
     def get(self, integration_id: str) -> HealthRecord | None:
-        try:
-            item = self._db.get_item(
-                TableName=self._table, Key={"pk": {"S": self.key(integration_id)}}, ConsistentRead=True
-            ).get("Item")
-        except Exception as exc:
-            raise _aws(exc, "GetItem") from exc
+        item = self._table.get(self.key(integration_id))
         if not item:
             return None
         return HealthRecord._from_document(item["doc"]["S"], int(item["version"]["N"]))
@@ -144,15 +127,8 @@ class HealthStore:
             "doc": {"S": record._document()},
             "ttl": {"N": str(int(record.checked_at) + RECORD_TTL_SECONDS)},
         }
-        request: dict[str, Any] = {"TableName": self._table, "Item": item, "ConditionExpression": condition}
-        if values:
-            request["ExpressionAttributeValues"] = values
-        try:
-            self._db.put_item(**request)
-        except self._db.exceptions.ConditionalCheckFailedException:
+        if not self._table.put(item, condition=condition, values=values):
             return None
-        except Exception as exc:
-            raise _aws(exc, "PutItem") from exc
         return record.with_version(version)
 
 
@@ -193,10 +169,6 @@ class SnsAlerts:
                     name: {"DataType": "String", "StringValue": value} for name, value in attributes.items()
                 },
             )
-        except Exception as exc:
-            raise _aws(exc, "Publish") from exc
+        except AWS_ERRORS as exc:
+            raise aws_failure(exc, "SNS Publish") from exc
         return True
-
-
-def _aws(exc: Exception, operation: str) -> AwsUnavailable:
-    return aws_failure(exc, operation)

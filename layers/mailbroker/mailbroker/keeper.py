@@ -128,12 +128,13 @@ class Keeper:
     def _check_safely(self, integration_id: str) -> Checked | None:
         try:
             return self.check(integration_id)
-        except Exception as exc:
+        except MailbrokerError as exc:
             # The record could not be written (AWS trouble): the others still get their turn.
-            error = classify_exception(exc)
-            logger.error(
-                "health record not written", extra={"integration": integration_id, "code": error.code}
-            )
+            logger.error("health record not written", extra={"integration": integration_id, "code": exc.code})
+            return None
+        except Exception:
+            # A bug: logged with its traceback; the other integrations still get their turn.
+            logger.exception("health record not written", extra={"integration": integration_id})
             return None
 
     def check(self, integration_id: str) -> Checked:
@@ -223,11 +224,15 @@ class Keeper:
     def _publish(self, alert: Alert) -> bool:
         try:
             sent = bool(self.alerts.publish(alert))
-        except Exception as exc:
-            code = classify_exception(exc).code
+        except MailbrokerError as exc:
             logger.error(
                 "alert not published",
-                extra={"integration": alert.integration, "kind": alert.kind, "code": code},
+                extra={"integration": alert.integration, "kind": alert.kind, "code": exc.code},
+            )
+            return False
+        except Exception:
+            logger.exception(
+                "alert not published", extra={"integration": alert.integration, "kind": alert.kind}
             )
             return False
         if sent:

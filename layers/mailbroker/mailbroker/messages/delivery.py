@@ -16,7 +16,9 @@ Every failure is a classified :class:`MailbrokerError`. Retryable ones put the m
 the queue with the retry schedule's delay (``ChangeMessageVisibility``), status ``retrying``, and
 raise :class:`RetryLater` so the batch reports the record as failed; past the maximum age they
 fail as ``expired``. Permanent ones record ``failed``, move the message to the dead-letter queue
-with the error attached and return normally, so the record is deleted instead of looping.
+with the error attached and return normally, so the record is deleted instead of looping. Any
+other exception is a bug: the message fails at once as ``internal_error``, its traceback logged,
+instead of being retried for a day as if AWS were down.
 
 The SQS record and these outcomes are in :mod:`mailbroker.messages.received`; the batch's SMTP
 sessions in :mod:`mailbroker.messages.sessions`.
@@ -31,12 +33,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from mailbroker.errors import InvalidMessage, MailbrokerError, SmtpFailure, classify_exception
+from mailbroker.errors import InvalidMessage, MailbrokerError, SmtpFailure
 from mailbroker.governor import GovernorDelay
 from mailbroker.messages.mime import build_mime, envelope
 from mailbroker.messages.models import OutgoingMessage, check_allowed, parse_message
 from mailbroker.messages.queue import QueueActions
-from mailbroker.messages.received import Attempt, Deferred, Outcomes, QueuedRecord, RetryLater
+from mailbroker.messages.received import (
+    Attempt,
+    Deferred,
+    Outcomes,
+    QueuedRecord,
+    RetryLater,
+    internal_error,
+)
 from mailbroker.messages.sessions import DEFAULT_LEASE_SECONDS, SessionPool
 from mailbroker.messages.status import MessageStatusStore, StatusConflict
 from mailbroker.observability import integration_metric, logger
@@ -131,11 +140,14 @@ class Delivery:
                 return self.outcomes.retry(item, attempt, exc)
             return self.outcomes.give_up(item, attempt, exc)
         except Exception as exc:
+            # Neither a classified failure nor AWS trouble (the stores turn botocore errors into
+            # aws_unavailable): a bug. Retrying would repeat it for a day, so the message fails
+            # now, with the traceback in the log, for an operator to re-drive once it is fixed.
             logger.exception(
                 "unexpected failure delivering a message",
                 extra={"message_id": attempt.message_id, "integration": attempt.integration_id},
             )
-            return self.outcomes.retry(item, attempt, classify_exception(exc))
+            return self.outcomes.give_up(item, attempt, internal_error(exc))
 
     def _deliver(self, item: QueuedRecord, attempt: Attempt) -> str:
         try:
@@ -275,6 +287,12 @@ class Delivery:
         except MailbrokerError:
             # The server has the message: deleting it from the queue is what prevents a resend.
             logger.error(
+                "message sent but its status could not be recorded",
+                extra={"message_id": attempt.message_id, "integration": integration_id, "reply": reply},
+            )
+        except Exception:
+            # A bug in the status store: still, nothing after the send may cause a second one.
+            logger.exception(
                 "message sent but its status could not be recorded",
                 extra={"message_id": attempt.message_id, "integration": integration_id, "reply": reply},
             )

@@ -170,8 +170,11 @@ class Outcomes:
         if error.code == "throttled" and self.governor is not None and attempt.integration_id:
             try:
                 self.governor.slow_down(attempt.integration_id, seconds=delay)
-            except Exception:
+            except MailbrokerError:
                 logger.warning("could not slow the governor down", extra={"integration": integration_id})
+            except Exception:
+                # A bug in the governor: this message is retried for its own reason all the same.
+                logger.exception("could not slow the governor down", extra={"integration": integration_id})
         if attempt.loaded and not settled_elsewhere(seen, self.holder, now):
             try:
                 self.statuses.retrying(
@@ -258,6 +261,9 @@ class Outcomes:
                 logger.warning(
                     "could not record the failure", extra={"message_id": attempt.message_id, "why": str(exc)}
                 )
+            except Exception:
+                # A bug in the status store: the dead letter below still carries the outcome.
+                logger.exception("could not record the failure", extra={"message_id": attempt.message_id})
         hint = error.hint if last_error is None else f"{error.hint} Last error: {last_error.hint}"
         try:
             self.queue.dead_letter(
@@ -290,6 +296,16 @@ class Outcomes:
         )
         integration_metric("MessagesFailed", integration_id or "unknown", 1, code=error.code)
         return "failed"
+
+
+def internal_error(exc: BaseException) -> MailbrokerError:
+    """An unexpected exception (a bug) as the ``internal_error`` a message fails with."""
+    return MailbrokerError(
+        f"unexpected {type(exc).__name__}",
+        code="internal_error",
+        hint="A bug in mailbroker, logged with its stack trace (without credentials); the message "
+        "was not retried. Re-drive it from the dead-letter queue once the fix is deployed.",
+    )
 
 
 def settled_elsewhere(seen: MessageRecord | None, holder: str, now: float) -> bool:

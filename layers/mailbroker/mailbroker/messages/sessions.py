@@ -157,5 +157,8 @@ class SessionPool:
             return
         try:
             self._governor.release_connection(slot)
-        except Exception as exc:
-            logger.warning("could not release a connection slot", extra={"why": type(exc).__name__})
+        except MailbrokerError as exc:
+            # The slot's lease expires by itself.
+            logger.warning("could not release a connection slot", extra={"why": exc.code})
+        except Exception:
+            logger.exception("could not release a connection slot")

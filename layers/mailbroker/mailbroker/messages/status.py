@@ -23,10 +23,10 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable, MailbrokerError, aws_failure
+from mailbroker.dynamodb import Table, iso, num, number, text
+from mailbroker.errors import MailbrokerError
 
 KEY_PREFIX = "msg#"
 STATUSES = ("queued", "sending", "sent", "retrying", "failed")
@@ -84,10 +84,6 @@ class MessageRecord:
         return body
 
 
-def iso(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def error_record(error: MailbrokerError) -> dict[str, Any]:
     """What a status record and the dead-letter queue keep of an error."""
     record: dict[str, Any] = {"code": error.code, "message": error.message, "hint": error.hint}
@@ -123,8 +119,7 @@ class MessageStatusStore:
         window_seconds: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._db = dynamodb_client
-        self._table = table
+        self._table = Table(dynamodb_client, table, purpose="for a message status")
         self.window_seconds = window_seconds
         self._clock = clock
 
@@ -132,12 +127,7 @@ class MessageStatusStore:
 
     def load(self, message_id: str) -> MessageRecord | None:
         """The stored record, even one past its window (``is_live`` says which)."""
-        try:
-            item = self._db.get_item(
-                TableName=self._table, Key={"pk": {"S": KEY_PREFIX + message_id}}, ConsistentRead=True
-            ).get("Item")
-        except Exception as exc:
-            raise _aws(exc, "GetItem") from exc
+        item = self._table.get(KEY_PREFIX + message_id)
         return _from_item(item) if item else None
 
     def get(self, message_id: str) -> MessageRecord | None:
@@ -257,19 +247,16 @@ class MessageStatusStore:
     def _write(
         self, record: MessageRecord, seen: MessageRecord | None, *, unconditional: bool = False
     ) -> MessageRecord:
-        request: dict[str, Any] = {"TableName": self._table, "Item": _to_item(record)}
+        condition: str | None = None
+        values: dict[str, Any] | None = None
         if not unconditional:
             if seen is None:
-                request["ConditionExpression"] = "attribute_not_exists(pk)"
+                condition = "attribute_not_exists(pk)"
             else:
-                request["ConditionExpression"] = "version = :seen"
-                request["ExpressionAttributeValues"] = {":seen": {"N": str(seen.version)}}
-        try:
-            self._db.put_item(**request)
-        except self._db.exceptions.ConditionalCheckFailedException:
-            raise StatusConflict(record.id) from None
-        except Exception as exc:
-            raise _aws(exc, "PutItem") from exc
+                condition = "version = :seen"
+                values = {":seen": {"N": str(seen.version)}}
+        if not self._table.put(_to_item(record), condition=condition, values=values):
+            raise StatusConflict(record.id)
         return record
 
 
@@ -279,16 +266,16 @@ def _to_item(record: MessageRecord) -> dict[str, Any]:
         "id": {"S": record.id},
         "status": {"S": record.status},
         "attempts": {"N": str(record.attempts)},
-        "created_at": {"N": _num(record.created_at)},
-        "updated_at": {"N": _num(record.updated_at)},
+        "created_at": {"N": num(record.created_at)},
+        "updated_at": {"N": num(record.updated_at)},
         "ttl": {"N": str(record.ttl)},
         "version": {"N": str(record.version)},
-        "cycle_started_at": {"N": _num(record.cycle_started_at)},
+        "cycle_started_at": {"N": num(record.cycle_started_at)},
     }
     if record.integration:
         item["integration"] = {"S": record.integration}
     if record.next_attempt_at is not None:
-        item["next_attempt_at"] = {"N": _num(record.next_attempt_at)}
+        item["next_attempt_at"] = {"N": num(record.next_attempt_at)}
     if record.last_error is not None:
         item["last_error"] = {"S": json.dumps(record.last_error, ensure_ascii=False)}
     if record.reply is not None:
@@ -297,41 +284,27 @@ def _to_item(record: MessageRecord) -> dict[str, Any]:
         item["refused"] = {"S": json.dumps(list(record.refused), ensure_ascii=False)}
     if record.lease_owner:
         item["lease_owner"] = {"S": record.lease_owner}
-        item["lease_until"] = {"N": _num(record.lease_until)}
+        item["lease_until"] = {"N": num(record.lease_until)}
     return item
 
 
 def _from_item(item: dict[str, Any]) -> MessageRecord:
-    def number(name: str, default: float = 0.0) -> float:
-        return float(item[name]["N"]) if name in item else default
-
-    def text(name: str) -> str | None:
-        return item[name]["S"] if name in item else None
-
-    last_error = text("last_error")
-    refused = text("refused")
+    last_error = text(item, "last_error")
+    refused = text(item, "refused")
     return MessageRecord(
         id=item["id"]["S"],
         status=item["status"]["S"],
-        integration=text("integration"),
-        attempts=int(number("attempts")),
-        created_at=number("created_at"),
-        updated_at=number("updated_at"),
-        next_attempt_at=number("next_attempt_at") if "next_attempt_at" in item else None,
+        integration=text(item, "integration"),
+        attempts=int(number(item, "attempts")),
+        created_at=number(item, "created_at"),
+        updated_at=number(item, "updated_at"),
+        next_attempt_at=number(item, "next_attempt_at") if "next_attempt_at" in item else None,
         last_error=json.loads(last_error) if last_error else None,
-        reply=text("reply"),
+        reply=text(item, "reply"),
         refused=tuple(json.loads(refused)) if refused else (),
-        ttl=int(number("ttl")),
-        version=int(number("version")),
-        lease_owner=text("lease_owner"),
-        lease_until=number("lease_until"),
-        cycle_started_at=number("cycle_started_at"),
+        ttl=int(number(item, "ttl")),
+        version=int(number(item, "version")),
+        lease_owner=text(item, "lease_owner"),
+        lease_until=number(item, "lease_until"),
+        cycle_started_at=number(item, "cycle_started_at"),
     )
-
-
-def _num(value: float) -> str:
-    return f"{value:.3f}"
-
-
-def _aws(exc: Exception, operation: str) -> AwsUnavailable:
-    return aws_failure(exc, f"DynamoDB {operation} for a message status")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mailbroker.errors import AwsUnavailable, aws_failure
+from mailbroker.dynamodb import Table, integer, number, text
 from mailbroker.tokens.crypto import Sealed, TokenCipher
 from mailbroker.tokens.model import CachedToken
 
@@ -39,19 +39,11 @@ class StoredState:
 
 class TokenStore:
     def __init__(self, dynamodb_client: Any, table: str, cipher: TokenCipher) -> None:
-        self._db = dynamodb_client
-        self._table = table
+        self._table = Table(dynamodb_client, table, purpose="for a cached token")
         self._cipher = cipher
 
     def read(self, key: str) -> StoredState:
-        try:
-            item = self._db.get_item(TableName=self._table, Key={"pk": {"S": key}}, ConsistentRead=True).get(
-                "Item"
-            )
-        except self._db.exceptions.ResourceNotFoundException:
-            raise AwsUnavailable(f"token table {self._table!r} does not exist") from None
-        except Exception as exc:
-            raise _aws(exc, "GetItem") from exc
+        item = self._table.get(key)
         if not item:
             return StoredState(None, None, None, 0.0, 0.0, None, None)
         token = None
@@ -60,19 +52,19 @@ class TokenStore:
             plaintext = self._cipher.open(sealed, key.encode())
             token = CachedToken(
                 plaintext.decode(),
-                issued_at=float(item["issued_at"]["N"]),
-                expires_at=float(item["expires_at"]["N"]),
+                issued_at=number(item, "issued_at"),
+                expires_at=number(item, "expires_at"),
                 version=int(item["version"]["N"]),
             )
         return StoredState(
             token=token,
-            version=int(item["version"]["N"]) if "version" in item else 0,
-            lease_owner=item.get("lease_owner", {}).get("S"),
-            lease_expires=float(item.get("lease_expires", {}).get("N", 0)),
-            hold_until=float(item.get("hold_until", {}).get("N", 0)),
-            hold_code=item.get("hold_code", {}).get("S"),
-            hold_message=item.get("hold_message", {}).get("S"),
-            hold_retry_after=item.get("hold_kind", {}).get("S") == "retry_after",
+            version=integer(item, "version") or 0,
+            lease_owner=text(item, "lease_owner"),
+            lease_expires=number(item, "lease_expires"),
+            hold_until=number(item, "hold_until"),
+            hold_code=text(item, "hold_code"),
+            hold_message=text(item, "hold_message"),
+            hold_retry_after=text(item, "hold_kind") == "retry_after",
         )
 
     def try_lease(self, key: str, owner: str, *, now: float, ttl: float, seen_version: int | None) -> bool:
@@ -91,53 +83,35 @@ class TokenStore:
         else:
             condition += "version = :v"
             values[":v"] = {"N": str(seen_version)}
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": key}},
-                UpdateExpression="SET lease_owner = :owner, lease_expires = :exp",
-                ConditionExpression=condition,
-                ExpressionAttributeValues=values,
-            )
-        except self._db.exceptions.ConditionalCheckFailedException:
-            return False
-        except Exception as exc:
-            raise _aws(exc, "UpdateItem") from exc
-        return True
+        return self._table.update(
+            key, "SET lease_owner = :owner, lease_expires = :exp", condition=condition, values=values
+        )
 
     def save(self, key: str, owner: str, token: CachedToken) -> int | None:
         """Store a new token and release the lease. Returns the new version, or None when the
         lease had expired and passed to another environment (which will store its own)."""
         sealed = self._cipher.seal(token.access_token.encode(), key.encode())
-        try:
-            answer = self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": key}},
-                UpdateExpression=(
-                    "SET ct = :ct, nonce = :nonce, edk = :edk, issued_at = :iat, expires_at = :exp, "
-                    "#ttl = :ttl, version = if_not_exists(version, :zero) + :one "
-                    "REMOVE lease_owner, lease_expires, hold_until, hold_code, hold_message, hold_kind"
-                ),
-                ConditionExpression="lease_owner = :owner",
-                ExpressionAttributeNames={"#ttl": "ttl"},
-                ExpressionAttributeValues={
-                    ":ct": {"B": sealed.ciphertext},
-                    ":nonce": {"B": sealed.nonce},
-                    ":edk": {"B": sealed.encrypted_key},
-                    ":iat": {"N": repr(token.issued_at)},
-                    ":exp": {"N": repr(token.expires_at)},
-                    ":ttl": {"N": str(int(token.expires_at) + _TTL_GRACE)},
-                    ":zero": {"N": "0"},
-                    ":one": {"N": "1"},
-                    ":owner": {"S": owner},
-                },
-                ReturnValues="UPDATED_NEW",
-            )
-        except self._db.exceptions.ConditionalCheckFailedException:
-            return None
-        except Exception as exc:
-            raise _aws(exc, "UpdateItem") from exc
-        return int(answer["Attributes"]["version"]["N"])
+        written = self._table.update_returning(
+            key,
+            "SET ct = :ct, nonce = :nonce, edk = :edk, issued_at = :iat, expires_at = :exp, "
+            "#ttl = :ttl, version = if_not_exists(version, :zero) + :one "
+            "REMOVE lease_owner, lease_expires, hold_until, hold_code, hold_message, hold_kind",
+            condition="lease_owner = :owner",
+            names={"#ttl": "ttl"},
+            values={
+                ":ct": {"B": sealed.ciphertext},
+                ":nonce": {"B": sealed.nonce},
+                ":edk": {"B": sealed.encrypted_key},
+                ":iat": {"N": repr(token.issued_at)},
+                ":exp": {"N": repr(token.expires_at)},
+                ":ttl": {"N": str(int(token.expires_at) + _TTL_GRACE)},
+                ":zero": {"N": "0"},
+                ":one": {"N": "1"},
+                ":owner": {"S": owner},
+            },
+            returning="UPDATED_NEW",
+        )
+        return None if written is None else int(written["version"]["N"])
 
     def release(
         self,
@@ -165,19 +139,5 @@ class TokenStore:
             )
         else:
             update = "REMOVE lease_owner, lease_expires"
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": key}},
-                UpdateExpression=update,
-                ConditionExpression="lease_owner = :owner",
-                ExpressionAttributeValues=values,
-            )
-        except self._db.exceptions.ConditionalCheckFailedException:
-            pass
-        except Exception as exc:
-            raise _aws(exc, "UpdateItem") from exc
-
-
-def _aws(exc: Exception, operation: str) -> AwsUnavailable:
-    return aws_failure(exc, f"DynamoDB {operation}")
+        # False: the lease had already passed to another environment, which now owns the item.
+        self._table.update(key, update, condition="lease_owner = :owner", values=values)

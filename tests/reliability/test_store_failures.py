@@ -1,0 +1,114 @@
+"""What a failing store does to a message in the sender: AWS trouble is an outage (the message is
+put back and sent once AWS answers again); a bug is not (the message fails at once as
+``internal_error``, dead-lettered with its traceback logged, and is sent once an operator
+re-drives it).
+
+Real peers on loopback: the template's queues and tables on moto server, the sandbox token
+endpoints and SMTP server, the real sender handler (``mail_pipeline``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from mailbroker import runtime
+
+FIRST_RETRY = range(54, 67)  # the retry schedule's first step: 60 s ± 10 %
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def sender_logs() -> Iterator[Recorder]:
+    from mailbroker.observability import logger
+
+    recorder = Recorder()
+    logger.addHandler(recorder)
+    try:
+        yield recorder
+    finally:
+        logger._logger.removeHandler(recorder)
+
+
+def raise_inside(operation: str, error: Exception, *, times: int = 1) -> None:
+    """The sender's next ``times`` DynamoDB ``operation`` calls raise ``error`` from inside the
+    call, as a bug in code it runs would."""
+    remaining = [times]
+
+    def hook(**kwargs: Any) -> None:
+        if remaining[0] > 0:
+            remaining[0] -= 1
+            raise error
+
+    runtime.aws_client("dynamodb").meta.events.register(f"before-call.dynamodb.{operation}", hook)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_bug_in_a_store_fails_the_message_at_once_and_a_redrive_sends_it(mail_pipeline):
+    p = mail_pipeline
+    message = p.message(p.add("microsoft"))
+    p.post(message)
+    message_id = message["id"]
+    # The first PutItem is the claim of the id (status ``sending``), after the governor's writes.
+    raise_inside("PutItem", TypeError("unsupported operand type(s) for +: 'int' and 'str'"))
+
+    with sender_logs() as logs:
+        put_back = p.round()
+
+    assert put_back == []  # not left on the queue to be retried
+    assert p.delays() == []  # no visibility change: no retry was scheduled
+    assert p.delivered(message_id) == 0
+    status = p.status(message_id)
+    assert status["status"] == "failed"
+    assert status["last_error"]["code"] == "internal_error"
+    letter = p.dead_letters()[message_id]
+    assert letter["error_code"] == "internal_error"
+    assert "Re-drive" in letter["error_hint"]
+    assert sum(p.queue_depth()) == 0
+    [logged] = [r for r in logs.records if r.getMessage() == "unexpected failure delivering a message"]
+    assert logged.exc_info is not None and logged.exc_info[0] is TypeError
+
+    p.redrive(message_id)
+    p.drive()
+
+    assert p.delivered(message_id) == 1
+    assert p.status(message_id)["status"] == "sent"
+
+
+def test_dynamodb_out_of_reach_is_an_outage_the_message_waits_out(mail_pipeline):
+    p = mail_pipeline
+    message = p.message(p.add("microsoft"))
+    p.post(message)
+    message_id = message["id"]
+    p.setenv("AWS_ENDPOINT_URL_DYNAMODB", f"http://127.0.0.1:{closed_port()}")
+
+    put_back = p.round()
+
+    assert len(put_back) == 1
+    assert [d in FIRST_RETRY for d in p.delays()] == [True]
+    assert p.dead_letters() == {}
+    assert sum(p.queue_depth()) == 1
+
+    p.monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB")
+    p.new_environment()  # DynamoDB answers again
+    p.drive()
+
+    assert p.delivered(message_id) == 1
+    assert p.status(message_id)["status"] == "sent"
+    assert p.dead_letters() == {}
