@@ -190,7 +190,7 @@ def sqs_records(messages: list[dict[str, Any]], queue_arn: str) -> list[dict[str
 def outgoing(
     integration: dict[str, Any], message_id: str, recipient: str = "ana@example.com"
 ) -> dict[str, Any]:
-    """A queued message (DESIGN.md, "Messages") from the integration's mailbox to one recipient."""
+    """A queued message (docs/design.md, "Messages") from the integration's mailbox to one recipient."""
     return {
         "integration": integration["id"],
         "id": message_id,

@@ -1,6 +1,6 @@
 """Integrations: one sending identity each, stored as one Secrets Manager secret.
 
-The secret's JSON (DESIGN.md, "Integrations") is validated into a typed model per provider.
+The secret's JSON (docs/design.md, "Integrations") is validated into a typed model per provider.
 Validation errors name the bad field and never echo a value: pydantic's messages are rebuilt
 from locations and types only.
 """

@@ -1,4 +1,4 @@
-"""The outgoing message: the JSON applications queue (DESIGN.md, "Messages"), validated.
+"""The outgoing message: the JSON applications queue (docs/design.md, "Messages"), validated.
 
 ``parse_message`` turns any input into an :class:`OutgoingMessage` or raises ``InvalidMessage``
 whose ``details`` list every problem as ``{"field", "problem"}``. Problems name fields and rules,
@@ -269,7 +269,7 @@ class Attachment(_Model):
 
 
 class OutgoingMessage(_Model):
-    """One message as applications post it (DESIGN.md, "Messages")."""
+    """One message as applications post it (docs/design.md, "Messages")."""
 
     integration: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     id: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")] | None = None
