@@ -19,8 +19,10 @@ import contextlib
 import functools
 import graphlib
 import json
+import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +41,8 @@ DEFAULT_REGION = "us-east-1"
 # Variables that would make boto3 prefer a real profile over the sandbox's dummy credentials.
 PROFILE_VARIABLES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE")
 FUNCTION_TYPES = ("AWS::Serverless::Function", "AWS::Lambda::Function")
+# moto_atomic's flag: exit when stdin (a pipe from the owner) reaches end of file.
+EXIT_WITH_PARENT = "--exit-with-parent"
 
 
 def aws_environment(endpoint_url: str, region: str = DEFAULT_REGION) -> dict[str, str]:
@@ -60,6 +64,11 @@ class MotoServer:
     """moto server on a free loopback port, in its own process, with DynamoDB's conditional
     writes atomic as in the real service (``mailbroker_sandbox.moto_atomic``).
 
+    The server runs in its own process group, so a Ctrl-C meant for its owner does not kill it
+    half-way and ``stop()`` ends the whole group. Its stdin is a pipe from the owner: when the
+    owner dies without calling ``stop()`` (SIGKILL, a crash), the pipe closes and the server exits
+    with it, so it is never orphaned.
+
     Use as a context manager, or ``start()`` / ``stop()``. ``endpoint_url`` is set once started.
     """
 
@@ -79,10 +88,20 @@ class MotoServer:
             port = self.port or _free_port(self.host)
             self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the server writes to it until stop()
             process = subprocess.Popen(
-                [sys.executable, "-m", "mailbroker_sandbox.moto_atomic", "-H", self.host, "-p", str(port)],
-                stdin=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-m",
+                    "mailbroker_sandbox.moto_atomic",
+                    EXIT_WITH_PARENT,
+                    "-H",
+                    self.host,
+                    "-p",
+                    str(port),
+                ],
+                stdin=subprocess.PIPE,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             url = f"http://{self.host}:{port}"
             if _wait_until_answering(process, url, self.start_timeout):
@@ -91,6 +110,11 @@ class MotoServer:
                 return self
             _terminate(process)
         raise RuntimeError(f"moto server did not start on {self.host}: {self._read_log()}")
+
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs."""
+        return self._process.pid if self._process is not None else None
 
     def stop(self) -> None:
         if self._process is not None:
@@ -144,13 +168,16 @@ def _wait_until_answering(process: subprocess.Popen[bytes], url: str, timeout: f
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
+    """End the process and its group (it leads one: ``start_new_session``): SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    if process.stdin is not None:
+        process.stdin.close()
 
 
 # -------------------------------------------------------------------------------------- template

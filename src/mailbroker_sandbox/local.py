@@ -22,6 +22,8 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -108,7 +110,8 @@ class Sandbox:
         self.parameters = dict(parameters or {})
         self.stack_name = stack_name
         self.log = log
-        self.workdir = Path(tempfile.mkdtemp(prefix="mailbroker-sandbox-"))
+        # Created by start(), removed by stop(): the CA's keys and, for ``serve``, the function log.
+        self.workdir = Path()
         self.ca: Any = None
         self.moto: Any = None
         self.tokens: Any = None
@@ -135,6 +138,7 @@ class Sandbox:
         from mailbroker_sandbox.token_server import TokenServer
 
         try:
+            self.workdir = Path(tempfile.mkdtemp(prefix="mailbroker-sandbox-"))
             self.ca = create_ca(self.workdir / "ca")
             self.moto = MotoServer().start()
             self.tokens = TokenServer(self.ca, lifetime=self.token_lifetime).start()
@@ -161,6 +165,9 @@ class Sandbox:
                 with contextlib.suppress(Exception):
                     server.stop()
         self.smtp = self.tokens = self.moto = None
+        if self.workdir.name.startswith("mailbroker-sandbox-"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = Path()
         for name, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -667,6 +674,43 @@ def _declared_id(body: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# --- stopping on a signal --------------------------------------------------------------------------------
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM asked the sandbox to stop; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, SIGINT and SIGTERM raise :class:`Stopped` in the main thread, once, so that
+    every ``finally`` and context manager stops what it started; further signals are ignored
+    until the previous handlers are restored, so the stop runs to its end.
+
+    Both handlers are installed explicitly: a shell starting a job in the background (``cmd &``
+    from a script) sets SIGINT to ignored, Python then keeps it ignored, and SIGTERM's default
+    kills the process without running any cleanup at all.
+    """
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # --- mailbroker local ---------------------------------------------------------------------------------
 
 
@@ -678,32 +722,39 @@ def serve(*, template: str = "template.yaml", port: int = 0, demo: bool = True, 
     out = out or Output()
     # Handlers that record no metric in an invocation make Powertools warn; in Lambda that is a log line.
     warnings.filterwarnings("ignore", message="No application metrics to publish")
-    log_path = Path(tempfile.gettempdir()) / "mailbroker-local.log"
-    with open(log_path, "a", encoding="utf-8") as log, Sandbox(template=template, log=log) as sandbox:
-        demos = sandbox.register_demo() if demo else []
-        sandbox.subscribe_alerts()
-        api = _ApiServer(sandbox, port)
-        stop = threading.Event()
-        poller = QueuePoller(sandbox)
-        workers = [
-            threading.Thread(target=_poll_forever, args=(poller, stop), daemon=True, name="sender-esm"),
-            threading.Thread(
-                target=_keeper_forever, args=(sandbox, stop), daemon=True, name="keeper-schedule"
-            ),
-        ]
+    try:
+        with stop_on_signals(), Sandbox(template=template) as sandbox:
+            log_path = sandbox.workdir / "functions.log"
+            with open(log_path, "a", encoding="utf-8") as sandbox.log:
+                _serve(sandbox, port, demo, out, log_path)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the API was up: everything has stopped
+        out.note("stopped")
+    return 0
+
+
+def _serve(sandbox: Sandbox, port: int, demo: bool, out: Any, log_path: Path) -> None:
+    demos = sandbox.register_demo() if demo else []
+    sandbox.subscribe_alerts()
+    api = _ApiServer(sandbox, port)
+    stop = threading.Event()
+    poller = QueuePoller(sandbox)
+    workers = [
+        threading.Thread(target=_poll_forever, args=(poller, stop), daemon=True, name="sender-esm"),
+        threading.Thread(target=_keeper_forever, args=(sandbox, stop), daemon=True, name="keeper-schedule"),
+    ]
+    try:
         for worker in workers:
             worker.start()
         _print_local(out, sandbox, api.url, demos, log_path)
-        try:
-            api.serve_forever()
-        except KeyboardInterrupt:
-            out.note("\nstopping the sandbox …")
-        finally:
-            stop.set()
-            api.shutdown()
-            for worker in workers:
+        api.serve_forever()
+    except KeyboardInterrupt:
+        out.note("\nstopping the sandbox …")
+    finally:
+        stop.set()
+        api.server_close()  # serve_forever ran on this thread: it has returned already
+        for worker in workers:
+            if worker.is_alive():
                 worker.join(timeout=25)
-    return 0
 
 
 def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_path: Path) -> None:
@@ -717,6 +768,7 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
                 "smtp": f"127.0.0.1:{sandbox.smtp.port}",
                 "token_endpoints": sandbox.tokens.base_url,
                 "log": str(log_path),
+                "workdir": str(sandbox.workdir),
             }
         )
         return

@@ -5,13 +5,15 @@ threads of its server can both pass one condition. The token broker's refresh le
 status claims and the governor all rest on conditional writes being atomic; the sandbox runs
 moto's DynamoDB item operations one at a time so that a limit broken in the sandbox is broken by
 mailbroker, not by the emulator. ``python -m mailbroker_sandbox.moto_atomic`` takes moto.server's
-arguments.
+arguments, and ``--exit-with-parent``: exit as soon as stdin reaches end of file, which happens
+when the process holding the other end of the pipe dies, however it dies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -45,8 +47,23 @@ def atomic_item_writes() -> Iterator[None]:
             setattr(DynamoDBBackend, name, method)
 
 
+def exit_when_stdin_closes() -> None:
+    """Watch stdin on a daemon thread; at end of file, exit at once (the owner is gone)."""
+
+    def watch() -> None:
+        while sys.stdin.buffer.read(4096):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 if __name__ == "__main__":
     from moto.server import main
 
+    arguments = sys.argv[1:]
+    if "--exit-with-parent" in arguments:
+        arguments.remove("--exit-with-parent")
+        exit_when_stdin_closes()
     with atomic_item_writes():
-        main(sys.argv[1:])
+        main(arguments)

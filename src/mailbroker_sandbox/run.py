@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import warnings
@@ -20,7 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailbroker_cli.output import Output, ago
-from mailbroker_sandbox.local import FUNCTIONS, Demo, QueuePoller, Sandbox, _schedule_event
+from mailbroker_sandbox.local import (
+    FUNCTIONS,
+    Demo,
+    QueuePoller,
+    Sandbox,
+    Stopped,
+    _schedule_event,
+    stop_on_signals,
+)
 
 if TYPE_CHECKING:
     from mailbroker.messages.status import MessageStatusStore
@@ -455,15 +464,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Output()
     import tempfile
 
+    # The function log outlives the run on purpose: its path is printed for reading afterwards.
+    # Everything else the run starts or writes is stopped and removed on the way out.
     log_path = Path(tempfile.mkdtemp(prefix="mailbroker-run-")) / "functions.log"
     with open(log_path, "w", encoding="utf-8") as log:
         run = Run(out, log_path)
         try:
-            with Sandbox(template=args.template, log=log) as sandbox:
+            with stop_on_signals(), Sandbox(template=args.template, log=log) as sandbox:
                 code = run.main(sandbox)
+        except Stopped as stopped:
+            out.note(f"stopped by {signal.Signals(stopped.signum).name}; everything started was stopped")
+            return 128 + stopped.signum
         except KeyboardInterrupt:
             out.note("interrupted; everything started was stopped")
-            return 130
+            return 128 + signal.SIGINT
     out.line("Everything it started has stopped.")
     return code
 

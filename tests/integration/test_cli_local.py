@@ -5,17 +5,14 @@ clean stop on Ctrl-C."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.processes import child, printed_json, sandbox_env
 
 
 def call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, dict]:
@@ -29,35 +26,12 @@ def call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, 
 
 
 @pytest.fixture
-def local():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mailbroker_cli.main", "local", "--json"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    text = ""
-    deadline = time.monotonic() + 60
-    info = None
-    while info is None and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        text += line
-        try:
-            info = json.loads(text)
-        except ValueError:
-            continue
-    if info is None:
-        process.kill()
-        pytest.fail(f"mailbroker local did not start: {text}{process.stderr.read()}")
-    yield process, info
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
+def local(tmp_path):
+    command = [sys.executable, "-m", "mailbroker_cli.main", "local", "--json"]
+    with child(command, env=sandbox_env(tmp_path)) as started:
+        info = started.read_until(printed_json, 60, "ready line from mailbroker local")
+        started.descendants("mailbroker_sandbox.moto_atomic")  # killed with it if the test fails
+        yield started.process, info
 
 
 def test_local_serves_the_http_api_and_delivers_queued_mail_until_interrupted(local):
