@@ -11,6 +11,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mailbroker_sandbox.events import LambdaContext, sqs_event
+
+__all__ = ["LambdaContext", "sqs_records"]  # the Lambda context is the sandbox's, shared by all
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -131,28 +135,6 @@ def environ(values: Mapping[str, str]) -> Iterator[None]:
         runtime.reset()
 
 
-class LambdaContext:
-    """The parts of Lambda's context object the handlers and Powertools read."""
-
-    def __init__(self, function_name: str, *, timeout_seconds: float = 90.0) -> None:
-        import time
-        import uuid
-
-        self.function_name = function_name
-        self.function_version = "$LATEST"
-        self.memory_limit_in_mb = 512
-        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:000000000000:function:{function_name}"
-        self.aws_request_id = str(uuid.uuid4())
-        self.log_group_name = f"/aws/lambda/{function_name}"
-        self.log_stream_name = "bench"
-        self._deadline = time.monotonic() + timeout_seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        import time
-
-        return max(int((self._deadline - time.monotonic()) * 1000), 0)
-
-
 def handler(function: str) -> Any:
     """``functions/<function>/app.py``'s ``lambda_handler``, imported as ``<function>.app`` (as the
     tests do)."""
@@ -168,23 +150,7 @@ def handler(function: str) -> Any:
 def sqs_records(messages: list[dict[str, Any]], queue_arn: str) -> list[dict[str, Any]]:
     """SQS ``ReceiveMessage`` results (``AttributeNames=["All"]``) as the records of the event
     Lambda's SQS event source hands the sender."""
-    return [
-        {
-            "messageId": m["MessageId"],
-            "receiptHandle": m["ReceiptHandle"],
-            "body": m["Body"],
-            "attributes": m.get("Attributes", {}),
-            "messageAttributes": {
-                name: {"stringValue": v.get("StringValue"), "dataType": v.get("DataType", "String")}
-                for name, v in (m.get("MessageAttributes") or {}).items()
-            },
-            "md5OfBody": m.get("MD5OfBody", ""),
-            "eventSource": "aws:sqs",
-            "eventSourceARN": queue_arn,
-            "awsRegion": "us-east-1",
-        }
-        for m in messages
-    ]
+    return sqs_event(messages, queue_arn)["Records"]
 
 
 def outgoing(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import importlib.util
 import json
 import logging
@@ -26,7 +25,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -36,6 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
+from mailbroker_sandbox.checkout import repo_root
+from mailbroker_sandbox.events import LambdaContext, http_event, schedule_event, sqs_record
+
 if TYPE_CHECKING:
     from mailbroker.integrations import IntegrationStore
 
@@ -44,41 +45,6 @@ FUNCTIONS = {
     "sender": "SenderFunction",
     "keeper": "KeeperFunction",
 }
-
-
-def repo_root() -> Path:
-    """The checkout holding template.yaml and functions/: the working directory or one above it
-    (``make run``), else the checkout this package was installed from in editable mode. The
-    sandbox reads the template and runs the handlers, so it needs a checkout; it says so."""
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for folder in (start, *start.parents):
-            if (folder / "template.yaml").is_file() and (folder / "functions").is_dir():
-                return folder
-    raise RuntimeError(
-        "the sandbox runs from a mailbroker checkout: no template.yaml and functions/ in the working "
-        "directory or above it; cd into the repository first"
-    )
-
-
-@dataclass
-class LambdaContext:
-    """What Lambda passes as ``context``, for one invocation."""
-
-    function_name: str
-    memory_limit_in_mb: int
-    timeout_seconds: int
-    invoked_function_arn: str
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    function_version: str = "$LATEST"
-    log_group_name: str = ""
-    log_stream_name: str = ""
-    _deadline: float = 0.0
-
-    def __post_init__(self) -> None:
-        self._deadline = time.monotonic() + self.timeout_seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(int((self._deadline - time.monotonic()) * 1000), 0)
 
 
 @dataclass(frozen=True)
@@ -477,7 +443,8 @@ def api_gateway_event(
     region: str = "us-east-1",
 ) -> dict[str, Any]:
     """The payload v2 event API Gateway would send for ``method path`` (``path`` may carry a
-    query string). ``routes``: the template's routes, to fill ``routeKey`` and ``pathParameters``."""
+    query string), from a loopback caller. ``routes``: the template's routes, to fill
+    ``routeKey`` and ``pathParameters``."""
     parts = urlsplit(path)
     raw_path = parts.path or "/"
     route_key, parameters = "$default", None
@@ -486,59 +453,42 @@ def api_gateway_event(
         if match and route["method"] in (method.upper(), "ANY"):
             route_key, parameters = f"{route['method']} {route['path']}", match.groupdict()
             break
-    text = body if isinstance(body, str | bytes) or body is None else json.dumps(body)
-    now = dt.datetime.now(dt.UTC)
-    event: dict[str, Any] = {
-        "version": "2.0",
-        "routeKey": route_key,
-        "rawPath": raw_path,
-        "rawQueryString": parts.query,
-        "headers": {
-            "host": "127.0.0.1",
-            "user-agent": "mailbroker-sandbox",
-            **{k.lower(): v for k, v in (headers or {}).items()},
-        },
-        "requestContext": {
-            "accountId": "123456789012",
-            "apiId": "sandbox",
-            "authorizer": {
-                "iam": {
-                    "accountId": "123456789012",
-                    "callerId": "sandbox",
-                    "userArn": "arn:aws:iam::123456789012:user/sandbox",
-                    "userId": "sandbox",
-                }
-            },
-            "domainName": "127.0.0.1",
-            "domainPrefix": "sandbox",
-            "http": {
-                "method": method.upper(),
-                "path": raw_path,
-                "protocol": "HTTP/1.1",
-                "sourceIp": "127.0.0.1",
-                "userAgent": "mailbroker-sandbox",
-            },
-            "requestId": str(uuid.uuid4()),
-            "routeKey": route_key,
-            "stage": "$default",
-            "time": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
-            "timeEpoch": int(now.timestamp() * 1000),
-        },
-        "isBase64Encoded": False,
+    sent_headers = {
+        "host": "127.0.0.1",
+        "user-agent": "mailbroker-sandbox",
+        **{k.lower(): v for k, v in (headers or {}).items()},
     }
-    if parts.query:
-        from urllib.parse import parse_qsl
-
-        event["queryStringParameters"] = dict(parse_qsl(parts.query))
-    if parameters:
-        event["pathParameters"] = parameters
-    if text is not None:
-        if isinstance(text, bytes):
-            event["body"] = base64.b64encode(text).decode("ascii")
-            event["isBase64Encoded"] = True
-        else:
-            event["body"] = text
-        event["headers"].setdefault("content-type", "application/json")
+    if body is not None:
+        sent_headers.setdefault("content-type", "application/json")
+    event = http_event(
+        route_key,
+        path=raw_path,
+        path_parameters=parameters,
+        body=body,
+        headers=sent_headers,
+        query=parts.query,
+    )
+    now = dt.datetime.now(dt.UTC)
+    event["requestContext"].update(
+        accountId="123456789012",
+        apiId="sandbox",
+        authorizer={
+            "iam": {
+                "accountId": "123456789012",
+                "callerId": "sandbox",
+                "userArn": "arn:aws:iam::123456789012:user/sandbox",
+                "userId": "sandbox",
+            }
+        },
+        domainName="127.0.0.1",
+        domainPrefix="sandbox",
+        requestId=str(uuid.uuid4()),
+        time=now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+        timeEpoch=int(now.timestamp() * 1000),
+    )
+    event["requestContext"]["http"].update(
+        method=method.upper(), sourceIp="127.0.0.1", userAgent="mailbroker-sandbox"
+    )
     return event
 
 
@@ -641,28 +591,7 @@ class QueuePoller:
         )
 
     def _record(self, message: dict[str, Any]) -> dict[str, Any]:
-        attributes = {}
-        for name, value in (message.get("MessageAttributes") or {}).items():
-            attributes[name] = {
-                "stringValue": value.get("StringValue"),
-                "binaryValue": base64.b64encode(value["BinaryValue"]).decode()
-                if value.get("BinaryValue")
-                else None,
-                "stringListValues": [],
-                "binaryListValues": [],
-                "dataType": value.get("DataType", "String"),
-            }
-        return {
-            "messageId": message["MessageId"],
-            "receiptHandle": message["ReceiptHandle"],
-            "body": message["Body"],
-            "attributes": dict(message.get("Attributes") or {}),
-            "messageAttributes": attributes,
-            "md5OfBody": message.get("MD5OfBody") or hashlib.md5(message["Body"].encode()).hexdigest(),  # noqa: S324
-            "eventSource": "aws:sqs",
-            "eventSourceARN": self.queue_arn,
-            "awsRegion": self.sandbox.stack.region,
-        }
+        return sqs_record(message, self.queue_arn)
 
 
 def _declared_id(body: str) -> str | None:
@@ -840,19 +769,7 @@ def _schedule_seconds(expression: str | None) -> float:
 
 def _schedule_event(sandbox: Sandbox) -> dict[str, Any]:
     """The event EventBridge Scheduler sends (events/schedule.json's shape)."""
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": "Scheduled Event",
-        "source": "aws.scheduler",
-        "account": sandbox.stack.account_id,
-        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "region": sandbox.stack.region,
-        "resources": [
-            f"arn:aws:scheduler:{sandbox.stack.region}:{sandbox.stack.account_id}:schedule/default/keeper"
-        ],
-        "detail": {},
-    }
+    return schedule_event(sandbox.stack.account_id, sandbox.stack.region)
 
 
 class _ApiServer(ThreadingHTTPServer):

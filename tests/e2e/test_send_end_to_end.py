@@ -20,23 +20,11 @@ from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.messages.mime import build_mime
 from mailbroker.messages.models import parse_message
 
-from tests.fixtures.pipeline import sqs_event
+from tests.fixtures.events import context, http_event, sqs_event
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 SENDER = "support@contoso.com"
 CLIENT_SECRET = "planted-client-secret-e2e-4d1f"
-
-
-class LambdaContext:
-    memory_limit_in_mb = 512
-    aws_request_id = "e2e00000-0000-4000-8000-000000000001"
-
-    def __init__(self, function_name: str) -> None:
-        self.function_name = function_name
-        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 90_000
 
 
 class Stack:
@@ -81,20 +69,15 @@ class Stack:
         return {k: v for k, v in body.items() if v is not None}
 
     def post(self, body: dict[str, Any] | str) -> tuple[int, dict[str, Any]]:
-        event = json.loads((EVENTS / "http_post_message.json").read_text())
-        event["body"] = body if isinstance(body, str) else json.dumps(body)
-        return self._api(event)
+        return self._api(http_event("POST /v1/messages", body=body))
 
     def get(self, message_id: str) -> tuple[int, dict[str, Any]]:
-        event = json.loads((EVENTS / "http_get_message.json").read_text())
-        event["rawPath"] = event["requestContext"]["http"]["path"] = f"/v1/messages/{message_id}"
-        event["pathParameters"] = {"id": message_id}
-        return self._api(event)
+        return self._api(http_event("GET /v1/messages/{id}", path_parameters={"id": message_id}))
 
     def _api(self, event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         from token_broker.app import lambda_handler
 
-        answer = lambda_handler(event, LambdaContext("TokenBrokerFunction"))
+        answer = lambda_handler(event, context("TokenBrokerFunction"))
         return answer["statusCode"], json.loads(answer["body"])
 
     def run_sender(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -108,7 +91,7 @@ class Stack:
             MessageAttributeNames=["All"],
         ).get("Messages", [])
         records = sqs_event(messages, self.stack.attribute("SendQueue", "Arn"))["Records"]
-        answer = lambda_handler({"Records": records}, LambdaContext("SenderFunction"))
+        answer = lambda_handler({"Records": records}, context("SenderFunction"))
         failed = {f["itemIdentifier"] for f in answer["batchItemFailures"]}
         for record in records:
             if record["messageId"] not in failed:

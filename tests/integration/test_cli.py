@@ -17,7 +17,8 @@ from mailbroker.integrations import IntegrationStore, parse_integration
 
 from mailbroker_cli.main import main
 from mailbroker_sandbox.aws import provision
-from mailbroker_sandbox.local import LambdaContext, powertools_from_env
+from mailbroker_sandbox.local import powertools_from_env
+from tests.fixtures.events import LambdaContext, sqs_event
 
 
 class Cli:
@@ -79,21 +80,8 @@ class Cli:
         messages = sqs.receive_message(
             QueueUrl=settings["queue_url"], MaxNumberOfMessages=10, WaitTimeSeconds=1, AttributeNames=["All"]
         ).get("Messages", [])
-        records = [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m.get("Attributes", {}),
-                "messageAttributes": {},
-                "md5OfBody": m["MD5OfBody"],
-                "eventSource": "aws:sqs",
-                "eventSourceARN": settings["queue_arn"],
-                "awsRegion": "us-east-1",
-            }
-            for m in messages
-        ]
-        context = LambdaContext("sender", 512, 90, "arn:aws:lambda:us-east-1:123456789012:function:sender")
+        records = sqs_event(messages, settings["queue_arn"])["Records"]
+        context = LambdaContext("sender", timeout_seconds=90)
         answer = lambda_handler({"Records": records}, context)
         failed = {f["itemIdentifier"] for f in answer.get("batchItemFailures", [])}
         for message in messages:

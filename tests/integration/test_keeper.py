@@ -10,35 +10,21 @@ import secrets
 import socket
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from mailbroker import runtime
 from mailbroker.integrations import IntegrationStore, parse_integration
 
 from mailbroker_sandbox.aws import provision
-from mailbroker_sandbox.local import LambdaContext, powertools_from_env
+from mailbroker_sandbox.local import powertools_from_env
+from tests.fixtures.events import LambdaContext, http_event, sample
 
-EVENTS = Path(__file__).resolve().parents[2] / "events"
+HEALTH = "GET /v1/integrations/{id}/health"
+CHECK = "POST /v1/integrations/{id}/check"
 
 
 def context(name: str = "keeper") -> LambdaContext:
-    return LambdaContext(
-        function_name=name,
-        memory_limit_in_mb=512,
-        timeout_seconds=300,
-        invoked_function_arn=f"arn:aws:lambda:us-east-1:123456789012:function:{name}",
-    )
-
-
-def event(name: str, integration_id: str | None = None) -> dict:
-    data = json.loads((EVENTS / name).read_text())
-    if integration_id is not None:
-        for holder in (data, data["requestContext"]["http"]):
-            key = "rawPath" if "rawPath" in holder else "path"
-            holder[key] = holder[key].replace("support-m365", integration_id)
-        data["pathParameters"] = {"id": integration_id}
-    return data
+    return LambdaContext(name, timeout_seconds=300)
 
 
 class Deployment:
@@ -142,12 +128,13 @@ class Deployment:
     def run_keeper(self) -> dict:
         from keeper.app import lambda_handler
 
-        return lambda_handler(event("schedule.json"), context())
+        return lambda_handler(sample("schedule.json"), context())
 
-    def http(self, event_name: str, integration_id: str) -> tuple[int, dict]:
+    def http(self, route: str, integration_id: str) -> tuple[int, dict]:
         from token_broker.app import lambda_handler
 
-        answer = lambda_handler(event(event_name, integration_id), context("token-broker"))
+        event = http_event(route, path_parameters={"id": integration_id})
+        answer = lambda_handler(event, context("token-broker"))
         return answer["statusCode"], json.loads(answer["body"])
 
 
@@ -213,9 +200,9 @@ def test_health_route_serves_each_record_with_code_and_hint(deployment):
     deployment.google("invalid-grant", revoked=True)
     deployment.run_keeper()
 
-    healthy = deployment.http("http_get_health.json", "healthy")
-    expired = deployment.http("http_get_health.json", "expired-secret")
-    revoked = deployment.http("http_get_health.json", "invalid-grant")
+    healthy = deployment.http(HEALTH, "healthy")
+    expired = deployment.http(HEALTH, "expired-secret")
+    revoked = deployment.http(HEALTH, "invalid-grant")
 
     assert healthy[0] == 200
     assert healthy[1]["healthy"] is True and healthy[1]["smtp_checked"] is True
@@ -230,8 +217,8 @@ def test_health_route_serves_each_record_with_code_and_hint(deployment):
 def test_health_route_answers_404_before_the_keeper_has_run(deployment):
     deployment.microsoft("new")
 
-    status, body = deployment.http("http_get_health.json", "new")
-    unknown_status, unknown = deployment.http("http_get_health.json", "nobody")
+    status, body = deployment.http(HEALTH, "new")
+    unknown_status, unknown = deployment.http(HEALTH, "nobody")
 
     assert (status, body["error"]["code"]) == (404, "not_found")
     assert (unknown_status, unknown["error"]["code"]) == (404, "unknown_integration")
@@ -244,7 +231,7 @@ def test_live_smtp_check_names_smtp_auth_disabled_on_the_mailbox(deployment):
     )
 
     summary = deployment.run_keeper()
-    status, check = deployment.http("http_post_check.json", "disabled")
+    status, check = deployment.http(CHECK, "disabled")
 
     assert summary["unhealthy"] == ["disabled"]
     assert status == 200 and check["ok"] is False
@@ -257,7 +244,7 @@ def test_live_check_route_passes_every_step_for_a_good_integration(deployment):
     deployment.google("good")
     accepted_before = len(deployment.smtp.accepted)
 
-    status, check = deployment.http("http_post_check.json", "good")
+    status, check = deployment.http(CHECK, "good")
 
     assert status == 200 and check["ok"] is True
     assert [s["name"] for s in check["steps"]] == ["token", "connect", "tls", "ehlo", "auth", "quit"]
@@ -293,7 +280,7 @@ def test_keeper_summary_and_alerts_hold_no_credential(deployment, capsys):
 
     summary = deployment.run_keeper()
     alerts = deployment.alerts()
-    _, record = deployment.http("http_get_health.json", "leaky")
+    _, record = deployment.http(HEALTH, "leaky")
 
     text = json.dumps([summary, alerts, record]) + capsys.readouterr().out
     for secret in (document["refresh_token"], document["client_secret"]):

@@ -29,7 +29,8 @@ from mailbroker.messages.models import parse_message
 from mailbroker.messages.status import MessageStatusStore
 
 from mailbroker_sandbox.smtp_server import SandboxSmtpServer
-from tests.fixtures.pipeline import LambdaContext, credentials_for, sqs_event
+from tests.fixtures.events import context, sqs_event
+from tests.fixtures.pipeline import credentials_for
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 SENDER = "support@contoso.com"
@@ -146,7 +147,7 @@ class Pipeline:
         """Invoke the handler; delete what it reports done. Returns the failed message ids."""
         from sender.app import lambda_handler
 
-        answer = lambda_handler(event, LambdaContext())
+        answer = lambda_handler(event, context())
         failed = [f["itemIdentifier"] for f in answer["batchItemFailures"]]
         for record in event["Records"]:
             if record["messageId"] not in failed:
@@ -358,7 +359,7 @@ def test_a_redelivered_sqs_message_is_not_sent_twice(pipeline: Pipeline) -> None
     event = pipeline.receive()
     from sender.app import lambda_handler
 
-    first = lambda_handler(event, LambdaContext())  # the delete after it is lost: SQS redelivers
+    first = lambda_handler(event, context())  # the delete after it is lost: SQS redelivers
     second = pipeline.run(event)
 
     assert first["batchItemFailures"] == [] and second == []

@@ -3,17 +3,17 @@ Secrets Manager on moto server, and the real handler — direct invoke and HTTP 
 
 from __future__ import annotations
 
-import copy
 import json
 import multiprocessing
 import time
-from pathlib import Path
 
 import pytest
 from mailbroker import runtime
 from mailbroker.integrations import IntegrationStore, parse_integration
 
-EVENTS = Path(__file__).resolve().parents[2] / "events"
+from tests.fixtures.events import context, http_event
+
+TOKEN_ROUTE = "POST /v1/integrations/{id}/token"
 CLIENT_SECRET = "planted-client-secret-7f3a"
 
 
@@ -95,14 +95,7 @@ def oauth2_integration(token_server, integrations):
 def invoke(event):
     from token_broker.app import lambda_handler
 
-    return lambda_handler(event, LambdaContext())
-
-
-class LambdaContext:
-    function_name = "TokenBrokerFunction"
-    memory_limit_in_mb = 256
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:TokenBrokerFunction"
-    aws_request_id = "c0ffee00-0000-4000-8000-000000000001"
+    return lambda_handler(event, context("TokenBrokerFunction", memory_limit_in_mb=256))
 
 
 def test_microsoft_token_comes_from_msal_then_from_memory(token_server, integrations):
@@ -248,19 +241,10 @@ def test_invalid_secret_names_the_field_and_not_the_value(broker_env, integratio
     assert CLIENT_SECRET not in json.dumps(answer)
 
 
-def http_event(name, **path):
-    event = copy.deepcopy(json.loads((EVENTS / name).read_text()))
-    for key, value in path.items():
-        event["pathParameters"][key] = value
-        event["rawPath"] = event["rawPath"].replace("support-m365", value)
-        event["requestContext"]["http"]["path"] = event["rawPath"]
-    return event
-
-
 def test_http_token_route_answers_the_token_json(token_server, integrations):
     microsoft_integration(token_server, integrations)
 
-    response = invoke(http_event("http_post_token.json"))
+    response = invoke(http_event(TOKEN_ROUTE))
 
     assert response["statusCode"] == 200
     body = json.loads(response["body"])
@@ -269,13 +253,13 @@ def test_http_token_route_answers_the_token_json(token_server, integrations):
 
 
 def test_http_token_route_for_unknown_integration_is_404(broker_env):
-    response = invoke(http_event("http_post_token.json", id="nobody"))
+    response = invoke(http_event(TOKEN_ROUTE, path_parameters={"id": "nobody"}))
     assert response["statusCode"] == 404
     assert json.loads(response["body"])["error"]["code"] == "unknown_integration"
 
 
 def test_http_token_route_with_a_bad_body_is_400_with_field_errors(broker_env):
-    event = http_event("http_post_token.json")
+    event = http_event(TOKEN_ROUTE)
     event["body"] = json.dumps({"force_refresh": "sometimes", "extra": 1})
 
     response = invoke(event)
@@ -286,7 +270,7 @@ def test_http_token_route_with_a_bad_body_is_400_with_field_errors(broker_env):
 
 
 def test_http_unknown_route_is_404(broker_env):
-    event = http_event("http_post_token.json")
+    event = http_event(TOKEN_ROUTE)
     event["rawPath"] = event["requestContext"]["http"]["path"] = "/v1/nothing-here"
     event["routeKey"] = event["requestContext"]["routeKey"] = "POST /v1/nothing-here"
 
@@ -328,7 +312,7 @@ def test_no_secret_or_token_reaches_the_logs(token_server, integrations, capture
     token_server.revoke_refresh_token(revoked)
     runtime.reset()
     assert invoke({"integration": "gmail-revoked"})["error"]["code"] == "token_invalid_grant"
-    invoke(http_event("http_post_token.json"))
+    invoke(http_event(TOKEN_ROUTE))
 
     captured = capsys.readouterr()
     everything = captured_logs.getvalue() + captured.out + captured.err
@@ -386,8 +370,8 @@ def test_token_route_restricted_to_named_principals_refuses_others(token_server,
     monkeypatch.setenv("TOKEN_API_PRINCIPALS", "arn:aws:iam::123456789012:role/mailer")
     runtime.reset()
 
-    refused = invoke(http_event("http_post_token.json"))  # the sample caller is app-role
-    event = http_event("http_post_token.json")
+    refused = invoke(http_event(TOKEN_ROUTE))  # the sample caller is app-role
+    event = http_event(TOKEN_ROUTE)
     event["requestContext"]["authorizer"]["iam"]["userArn"] = (
         "arn:aws:sts::123456789012:assumed-role/mailer/run-1"
     )

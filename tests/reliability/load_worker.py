@@ -17,7 +17,7 @@ def run(env: dict[str, str], queue_arn: str, stop: Any, idle: Any, results: Any)
     from sender.app import lambda_handler
 
     from mailbroker_sandbox.local import powertools_from_env
-    from tests.fixtures.pipeline import LambdaContext, sqs_event
+    from tests.fixtures.events import context, sqs_event
 
     powertools_from_env(env)
     sqs = runtime.aws_client("sqs")
@@ -36,7 +36,7 @@ def run(env: dict[str, str], queue_arn: str, stop: Any, idle: Any, results: Any)
             continue
         idle.clear()
         event = sqs_event(messages, queue_arn)
-        answer = lambda_handler(event, LambdaContext())
+        answer = lambda_handler(event, context())
         failed = {f["itemIdentifier"] for f in answer["batchItemFailures"]}
         invocations, records, put_back = invocations + 1, records + len(messages), put_back + len(failed)
         for message in messages:

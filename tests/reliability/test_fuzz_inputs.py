@@ -32,6 +32,8 @@ from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.messages.mime import build_mime, envelope
 from mailbroker.messages.models import parse_message
 
+from tests.fixtures.events import context, http_event
+
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 BASE_MESSAGE = json.loads((EVENTS / "message.json").read_text())
 STANDARD_HEADERS = {
@@ -332,13 +334,6 @@ def test_every_secret_is_an_integration_or_an_invalid_integration_that_never_ech
 # ---------------------------------------------------------------- the HTTP API
 
 
-class LambdaContext:
-    function_name = "TokenBrokerFunction"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:TokenBrokerFunction"
-    aws_request_id = "f022ed00-0000-4000-8000-000000000001"
-
-
 @pytest.fixture
 def api(stack, aws_env, monkeypatch):
     """The token broker function's HTTP API over the template's tables, queue and secrets, with
@@ -364,28 +359,10 @@ def api(stack, aws_env, monkeypatch):
     runtime.reset()
 
 
-def http_event(route: str, body: str | bytes | None, *, path: str | None = None) -> dict[str, Any]:
-    template = {
-        "POST /v1/messages": "http_post_message.json",
-        "POST /v1/integrations/{id}/token": "http_post_token.json",
-        "POST /v1/integrations/{id}/check": "http_post_check.json",
-        "GET /v1/messages/{id}": "http_get_message.json",
-    }[route]
-    event = json.loads((EVENTS / template).read_text())
-    if isinstance(body, bytes):
-        event["body"], event["isBase64Encoded"] = base64.b64encode(body).decode(), True
-    else:
-        event["body"], event["isBase64Encoded"] = body, False
-    if path is not None:
-        event["rawPath"] = event["requestContext"]["http"]["path"] = path
-        event["pathParameters"] = {"id": path.rsplit("/", 1)[-1]}
-    return event
-
-
 def call(event):
     from token_broker.app import lambda_handler
 
-    return lambda_handler(event, LambdaContext())
+    return lambda_handler(event, context("TokenBrokerFunction"))
 
 
 def assert_clear_answer(answer):
@@ -402,7 +379,7 @@ def assert_clear_answer(answer):
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(message_bodies(), st.none(), st.just("")))
 def test_post_message_answers_202_or_400_with_field_errors_never_500(api, body):
-    answer = call(http_event("POST /v1/messages", body))
+    answer = call(http_event("POST /v1/messages", body=body))
 
     assert answer["statusCode"] in {202, 400, 403, 404}, answer
     body = assert_clear_answer(answer)
@@ -413,7 +390,7 @@ def test_post_message_answers_202_or_400_with_field_errors_never_500(api, body):
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(st.text(max_size=80), st.binary(max_size=80), JSON_VALUES.map(json.dumps), st.none()))
 def test_token_route_answers_every_body_without_a_500(api, body):
-    answer = call(http_event("POST /v1/integrations/{id}/token", body))
+    answer = call(http_event("POST /v1/integrations/{id}/token", body=body))
 
     assert answer["statusCode"] in {400, 403, 404}, answer
     assert_clear_answer(answer)
@@ -424,8 +401,11 @@ def test_token_route_answers_every_body_without_a_500(api, body):
 def test_message_status_route_answers_any_id_without_a_500(api, message_id):
     from urllib.parse import quote
 
+    path = "/v1/messages/" + quote(message_id, safe="")
     answer = call(
-        http_event("GET /v1/messages/{id}", None, path="/v1/messages/" + quote(message_id, safe=""))
+        http_event(
+            "GET /v1/messages/{id}", body=None, path=path, path_parameters={"id": path.rsplit("/", 1)[-1]}
+        )
     )
 
     assert answer["statusCode"] in {200, 400, 403, 404}, answer

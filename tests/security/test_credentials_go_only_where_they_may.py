@@ -19,6 +19,7 @@ from mailbroker.tokens.providers import TokenProviders
 
 from mailbroker_sandbox.ca import create_ca
 from mailbroker_sandbox.token_server import TokenServer
+from tests.fixtures.events import context
 
 METADATA_AND_LINK_LOCAL = [
     "169.254.169.254",  # EC2 / Lambda instance metadata
@@ -243,13 +244,6 @@ def broker_env(stack, aws_env, token_server, ca_trust_env, monkeypatch):
     runtime.reset()
 
 
-class LambdaContext:
-    function_name = "TokenBrokerFunction"
-    memory_limit_in_mb = 256
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:TokenBrokerFunction"
-    aws_request_id = "c0ffee00-0000-4000-8000-0000000000aa"
-
-
 def test_integration_copying_anothers_identity_without_its_secret_gets_no_token(broker_env, token_server):
     from token_broker.app import lambda_handler
 
@@ -265,9 +259,9 @@ def test_integration_copying_anothers_identity_without_its_secret_gets_no_token(
     }
     store.put(parse_integration({**identity, "id": "real", "client_secret": "planted-real-secret-77aa"}))
     store.put(parse_integration({**identity, "id": "copycat", "client_secret": "a-guess"}))
-    real = lambda_handler({"integration": "real"}, LambdaContext())
+    real = lambda_handler({"integration": "real"}, context("TokenBrokerFunction", memory_limit_in_mb=256))
 
-    copy = lambda_handler({"integration": "copycat"}, LambdaContext())
+    copy = lambda_handler({"integration": "copycat"}, context("TokenBrokerFunction", memory_limit_in_mb=256))
 
     assert "access_token" in real
     assert copy.get("error", {}).get("code") == "token_invalid_client"

@@ -27,7 +27,6 @@ import logging
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -37,11 +36,16 @@ from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.smtp.xoauth2 import xoauth2_initial_response
 
 from mailbroker_sandbox.aws import provision
-from mailbroker_sandbox.local import LambdaContext, powertools_from_env
+from mailbroker_sandbox.local import powertools_from_env
 from mailbroker_sandbox.smtp_server import SandboxSmtpServer
+from tests.fixtures.events import LambdaContext, http_event, sample
 from tests.fixtures.pipeline import MailPipeline, TokenGate
 
-EVENTS = Path(__file__).resolve().parents[2] / "events"
+TOKEN = "POST /v1/integrations/{id}/token"
+HEALTH = "GET /v1/integrations/{id}/health"
+CHECK = "POST /v1/integrations/{id}/check"
+POST_MESSAGE = "POST /v1/messages"
+GET_MESSAGE = "GET /v1/messages/{id}"
 SENDER = "support@contoso.com"
 DEBUG_LOGGERS = ("mailbroker", "msal", "google.auth", "google.oauth2", "urllib3", "requests", "oauthlib")
 
@@ -279,7 +283,7 @@ class Scene:
     def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
         from token_broker.app import lambda_handler
 
-        answer = lambda_handler(event, context("TokenBrokerFunction"))
+        answer = lambda_handler(event, LambdaContext("TokenBrokerFunction"))
         self.invokes.append(answer)
         return answer
 
@@ -295,22 +299,24 @@ class Scene:
         self.collect(self.invoke({"integration": 42, "force_refresh": "yes"}), sinks)
 
         routes = [
-            ("http_post_token.json", "m365", None),
-            ("http_post_token.json", "m365", '{"force_refresh": "maybe"}'),
-            ("http_post_token.json", "m365-wrong-secret", None),
-            ("http_post_token.json", "gmail-revoked", None),
-            ("http_post_token.json", "no-such-integration", None),
-            ("http_get_health.json", "m365", None),
-            ("http_post_check.json", "m365", None),
-            ("http_post_check.json", "relay", None),
-            ("http_post_check.json", "relay-wrong-password", None),
-            ("http_post_check.json", "gmail-revoked", None),
-            ("http_post_message.json", None, '{"integration": "x", "to": "bad\\r\\nBcc: x@y.z"}'),
-            ("http_post_message.json", None, "not json"),
-            ("http_get_message.json", None, None),
+            (TOKEN, "m365", None),
+            (TOKEN, "m365", '{"force_refresh": "maybe"}'),
+            (TOKEN, "m365-wrong-secret", None),
+            (TOKEN, "gmail-revoked", None),
+            (TOKEN, "no-such-integration", None),
+            (HEALTH, "m365", None),
+            (CHECK, "m365", None),
+            (CHECK, "relay", None),
+            (CHECK, "relay-wrong-password", None),
+            (CHECK, "gmail-revoked", None),
+            (POST_MESSAGE, None, '{"integration": "x", "to": "bad\\r\\nBcc: x@y.z"}'),
+            (POST_MESSAGE, None, "not json"),
+            (GET_MESSAGE, None, None),
         ]
-        for template, name, body in routes:
-            answer = self.invoke(http_event(template, self.ids.get(name, name) if name else None, body))
+        for route, name, body in routes:
+            parameters = {"id": self.ids.get(name, name)} if name else None
+            event = http_event(route, path_parameters=parameters, **({} if body is None else {"body": body}))
+            answer = self.invoke(event)
             self.collect(answer, sinks)
 
     def collect(self, answer: dict[str, Any], sinks: Sinks) -> None:
@@ -351,7 +357,7 @@ class Scene:
         from keeper.app import lambda_handler
 
         self.as_function("KeeperFunction")
-        lambda_handler(json.loads((EVENTS / "schedule.json").read_text()), context("KeeperFunction"))
+        lambda_handler(sample("schedule.json"), LambdaContext("KeeperFunction"))
 
     # -- the CLI
 
@@ -376,27 +382,6 @@ class Scene:
             ):
                 main(command)
             sinks.cli += [out.getvalue(), err.getvalue()]
-
-
-def context(function_name: str) -> LambdaContext:
-    return LambdaContext(
-        function_name=function_name,
-        memory_limit_in_mb=512,
-        timeout_seconds=90,
-        invoked_function_arn=f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}",
-    )
-
-
-def http_event(template: str, integration_id: str | None, body: str | None) -> dict[str, Any]:
-    event = json.loads((EVENTS / template).read_text())
-    if integration_id is not None:
-        for holder in (event, event["requestContext"]["http"]):
-            key = "rawPath" if "rawPath" in holder else "path"
-            holder[key] = holder[key].replace("support-m365", integration_id)
-        event["pathParameters"] = {"id": integration_id}
-    if body is not None:
-        event["body"] = body
-    return event
 
 
 def record_exceptions(monkeypatch: pytest.MonkeyPatch, sinks: Sinks) -> None:

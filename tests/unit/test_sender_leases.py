@@ -7,13 +7,7 @@ from mailbroker import runtime
 from mailbroker.handlers.sender import LEASE_MARGIN_SECONDS, build_delivery
 from mailbroker.settings import SenderSettings
 
-
-class Context:
-    def __init__(self, remaining_ms: int) -> None:
-        self._remaining = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self._remaining
+from tests.fixtures.events import LambdaContext
 
 
 @pytest.fixture
@@ -36,7 +30,7 @@ def settings(monkeypatch):
 
 
 def test_claims_outlive_the_invocation_by_the_margin_only(settings):
-    delivery = build_delivery(settings, Context(remaining_ms=90_000))
+    delivery = build_delivery(settings, LambdaContext(remaining_ms=90_000))
 
     assert delivery.lease_seconds == pytest.approx(90 + LEASE_MARGIN_SECONDS)
     assert delivery.sessions._lease_seconds == delivery.lease_seconds

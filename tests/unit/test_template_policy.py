@@ -49,7 +49,7 @@ def ref_target(value: Any) -> str:
     return target
 
 
-def sqs_event(function_id: str) -> dict[str, Any]:
+def sqs_event_source(function_id: str) -> dict[str, Any]:
     (event,) = [e["Properties"] for e in props(function_id)["Events"].values() if e["Type"] == "SQS"]
     return event
 
@@ -172,12 +172,12 @@ def test_powertools_never_captures_responses_in_traces():
 
 
 def test_send_queue_visibility_timeout_is_at_least_six_times_the_sender_timeout():
-    queue = ref_target(sqs_event("SenderFunction")["Queue"])
+    queue = ref_target(sqs_event_source("SenderFunction")["Queue"])
     assert props(queue)["VisibilityTimeout"] >= 6 * setting("SenderFunction", "Timeout")
 
 
 def test_sender_reports_batch_item_failures_with_bounded_concurrency():
-    event = sqs_event("SenderFunction")
+    event = sqs_event_source("SenderFunction")
     assert event["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert event["BatchSize"] == 10
     assert event["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "SenderMaxConcurrency"}
@@ -185,7 +185,7 @@ def test_sender_reports_batch_item_failures_with_bounded_concurrency():
 
 
 def test_send_queue_redrives_to_the_dead_letter_queue_which_keeps_messages_longer():
-    queue = props(ref_target(sqs_event("SenderFunction")["Queue"]))
+    queue = props(ref_target(sqs_event_source("SenderFunction")["Queue"]))
     dead_letter = ref_target(queue["RedrivePolicy"]["deadLetterTargetArn"])
     assert queue["RedrivePolicy"]["maxReceiveCount"] >= 3
     assert props(dead_letter)["MessageRetentionPeriod"] == 14 * 24 * 3600
