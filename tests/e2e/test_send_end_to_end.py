@@ -20,7 +20,8 @@ from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.messages.mime import build_mime
 from mailbroker.messages.models import parse_message
 
-from tests.fixtures.events import context, http_event, sqs_event
+from tests.fixtures.events import context, http_event
+from tests.fixtures.pipeline import MailPipeline, start_pipeline
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 SENDER = "support@contoso.com"
@@ -28,14 +29,17 @@ CLIENT_SECRET = "planted-client-secret-e2e-4d1f"
 
 
 class Stack:
-    """The deployed stack as an application sees it: the HTTP API and the functions."""
+    """The deployed stack as an application sees it: the HTTP API, and the sender fed by the
+    shared pipeline harness as the event source mapping feeds it."""
 
-    def __init__(self, stack: Any, monkeypatch: pytest.MonkeyPatch, smtp: Any, tokens: Any) -> None:
+    def __init__(self, pipeline: MailPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+        stack, smtp, tokens = pipeline.stack, pipeline.smtp, pipeline.tokens
+        self.pipeline = pipeline
         self.stack = stack
         self.monkeypatch = monkeypatch
         self.smtp = smtp
-        self.sqs = stack.client("sqs")
-        self.queue_url = stack.function_env("SenderFunction")["SEND_QUEUE_URL"]
+        self.sqs = pipeline.sqs
+        self.queue_url = pipeline.queue_url
         # Both functions' environments: they name the same tables and queues.
         for logical_id in ("TokenBrokerFunction", "SenderFunction"):
             for name, value in stack.function_env(logical_id).items():
@@ -82,21 +86,9 @@ class Stack:
 
     def run_sender(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The event source mapping: receive a batch, invoke the sender, delete what it finished."""
-        from sender.app import lambda_handler
-
-        messages = self.sqs.receive_message(
-            QueueUrl=self.queue_url,
-            MaxNumberOfMessages=10,
-            AttributeNames=["All"],
-            MessageAttributeNames=["All"],
-        ).get("Messages", [])
-        records = sqs_event(messages, self.stack.attribute("SendQueue", "Arn"))["Records"]
-        answer = lambda_handler({"Records": records}, context("SenderFunction"))
-        failed = {f["itemIdentifier"] for f in answer["batchItemFailures"]}
-        for record in records:
-            if record["messageId"] not in failed:
-                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"])
-        return answer, records
+        event = self.pipeline.receive()
+        self.pipeline.run(event)
+        return self.pipeline.last_answer, event["Records"]
 
     def queued(self) -> int:
         attributes = self.sqs.get_queue_attributes(
@@ -114,13 +106,12 @@ def deployed(
     smtp_server: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Stack]:
-    deployed = Stack(stack, monkeypatch, smtp_server(), fresh_token_server)
+    pipeline = start_pipeline(
+        stack, fresh_token_server, smtp_server, monkeypatch, token_timeout=None, gate_tokens=False
+    )
+    deployed = Stack(pipeline, monkeypatch)
     yield deployed
-    while got := deployed.sqs.receive_message(QueueUrl=deployed.queue_url, MaxNumberOfMessages=10).get(
-        "Messages"
-    ):
-        for m in got:
-            deployed.sqs.delete_message(QueueUrl=deployed.queue_url, ReceiptHandle=m["ReceiptHandle"])
+    pipeline.drain()
     runtime.reset()
 
 

@@ -9,30 +9,22 @@ gave them.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import email
 import json
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from email import policy
-from pathlib import Path
 from typing import Any
 
 import pytest
 from mailbroker import runtime
-from mailbroker.integrations import IntegrationStore, parse_integration
 from mailbroker.messages.mime import build_mime
 from mailbroker.messages.models import parse_message
-from mailbroker.messages.status import MessageStatusStore
 
-from mailbroker_sandbox.smtp_server import SandboxSmtpServer
-from tests.fixtures.events import context, sqs_event
-from tests.fixtures.pipeline import credentials_for
+from tests.fixtures.events import context
+from tests.fixtures.pipeline import MailPipeline, start_pipeline
 
-EVENTS = Path(__file__).resolve().parents[2] / "events"
 SENDER = "support@contoso.com"
 ALIAS = "sales@contoso.com"
 # Planted credentials: none of them may appear in anything the pipeline writes.
@@ -44,171 +36,6 @@ ONE_MINUTE = (54, 66)  # the first retry: 60 s ± 10 %
 # --------------------------------------------------------------------------------------- harness
 
 
-@dataclass
-class Pipeline:
-    """The send queue, its dead-letter queue, the status table and the SMTP server of one test."""
-
-    stack: Any
-    env: dict[str, str]
-    tokens: Any
-    smtp: SandboxSmtpServer
-    monkeypatch: pytest.MonkeyPatch
-    uid: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    visibility: list[dict[str, Any]] = field(default_factory=list)
-    receipts: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.sqs = self.stack.client("sqs")
-        self.queue_url = self.env["SEND_QUEUE_URL"]
-        self.dlq_url = self.env["DEAD_LETTER_QUEUE_URL"]
-        self.integrations = IntegrationStore(
-            self.stack.client("secretsmanager"), self.env["SECRET_PREFIX"], max_age=0
-        )
-        self.statuses = MessageStatusStore(
-            self.stack.client("dynamodb"), self.env["MESSAGE_TABLE"], window_seconds=86400
-        )
-        self._watch_visibility()
-
-    # -- configuration
-    def setenv(self, name: str, value: str) -> None:
-        """Change the function's environment, as a new deployment would."""
-        self.monkeypatch.setenv(name, value)
-        runtime.reset()
-        self._watch_visibility()
-
-    def _watch_visibility(self) -> None:
-        """Observe the ChangeMessageVisibility calls the handler's own SQS client makes."""
-
-        def seen(params: dict[str, Any], **kwargs: Any) -> None:
-            self.visibility.append(dict(params))
-
-        runtime.aws_client("sqs").meta.events.register(
-            "provide-client-params.sqs.ChangeMessageVisibility", seen
-        )
-
-    def add(self, provider: str = "microsoft", *, mailbox: dict[str, Any] | None = None, **extra: Any) -> str:
-        """Register an integration of ``provider`` with the sandbox token endpoints and its mailbox
-        with the SMTP server; returns the integration id."""
-        integration_id = f"{provider.replace('_', '-')}-{self.uid}"
-        client_id = f"client-{integration_id}"
-        data: dict[str, Any] = {
-            "id": integration_id,
-            "provider": provider,
-            "smtp": {
-                "host": "127.0.0.1",
-                "port": self.smtp.port,
-                "security": "starttls",
-                "timeout_seconds": 5,
-            },
-            "username": SENDER,
-            "senders": [{"email": SENDER, "name": "Support Team"}],
-        }
-        mailbox = credentials_for(
-            self.tokens, provider, data, client_id, SENDER, mailbox, secret=CLIENT_SECRET, password=PASSWORD
-        )
-        self.integrations.put(parse_integration(data | extra))
-        self.smtp.add_mailbox(SENDER, **mailbox)
-        return integration_id
-
-    # -- messages
-    def message(self, integration_id: str, **overrides: Any) -> dict[str, Any]:
-        """events/message.json, for ``integration_id``, with a fresh id unless one is given."""
-        body = json.loads((EVENTS / "message.json").read_text())
-        body |= {"integration": integration_id, "id": f"msg-{uuid.uuid4().hex[:12]}"}
-        body |= overrides
-        return {k: v for k, v in body.items() if v is not None}
-
-    def post(self, message: dict[str, Any] | str, *, attributes: dict[str, str] | None = None) -> str:
-        body = message if isinstance(message, str) else json.dumps(message, ensure_ascii=False)
-        kwargs: dict[str, Any] = {"QueueUrl": self.queue_url, "MessageBody": body}
-        if attributes:
-            kwargs["MessageAttributes"] = {
-                k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()
-            }
-        return self.sqs.send_message(**kwargs)["MessageId"]
-
-    def receive(self, count: int = 10) -> dict[str, Any]:
-        """An SQS event (events/sqs_batch.json's shape) of up to ``count`` received messages."""
-        messages: list[dict[str, Any]] = []
-        while len(messages) < count:
-            got = self.sqs.receive_message(
-                QueueUrl=self.queue_url,
-                MaxNumberOfMessages=min(10, count - len(messages)),
-                AttributeNames=["All"],
-                MessageAttributeNames=["All"],
-            ).get("Messages", [])
-            if not got:
-                break
-            messages += got
-        self.receipts += [m["ReceiptHandle"] for m in messages]
-        return sqs_event(messages, self.stack.attribute("SendQueue", "Arn"))
-
-    def run(self, event: dict[str, Any]) -> list[str]:
-        """Invoke the handler; delete what it reports done. Returns the failed message ids."""
-        from sender.app import lambda_handler
-
-        answer = lambda_handler(event, context())
-        failed = [f["itemIdentifier"] for f in answer["batchItemFailures"]]
-        for record in event["Records"]:
-            if record["messageId"] not in failed:
-                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"])
-        return failed
-
-    def deliver(self, *messages: dict[str, Any] | str) -> list[str]:
-        for message in messages:
-            self.post(message)
-        return self.run(self.receive(len(messages)))
-
-    def make_visible(self, event: dict[str, Any]) -> None:
-        """Let the retry delay pass for the records of ``event``."""
-        for record in event["Records"]:
-            self.sqs.change_message_visibility(
-                QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"], VisibilityTimeout=0
-            )
-
-    # -- observations
-    def status(self, message_id: str) -> dict[str, Any] | None:
-        record = self.statuses.get(message_id)
-        return record.to_public() if record else None
-
-    def dead_letters(self) -> list[dict[str, Any]]:
-        letters = []
-        while True:
-            got = self.sqs.receive_message(
-                QueueUrl=self.dlq_url, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
-            ).get("Messages", [])
-            if not got:
-                return letters
-            for m in got:
-                attributes = {k: v["StringValue"] for k, v in m.get("MessageAttributes", {}).items()}
-                letters.append({"body": m["Body"], "attributes": attributes, "raw": m})
-                self.receipts.append(m["ReceiptHandle"])
-
-    def queue_depth(self) -> tuple[int, int]:
-        """(visible, in flight) messages on the send queue."""
-        attributes = self.sqs.get_queue_attributes(
-            QueueUrl=self.queue_url,
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-        )["Attributes"]
-        return int(attributes["ApproximateNumberOfMessages"]), int(
-            attributes["ApproximateNumberOfMessagesNotVisible"]
-        )
-
-    def delays(self) -> list[int]:
-        return [int(v["VisibilityTimeout"]) for v in self.visibility]
-
-    def drain(self) -> None:
-        """Leave both queues empty for the next test of the module."""
-        for url in (self.queue_url, self.dlq_url):
-            for receipt in self.receipts:
-                # a receipt of the other queue, or of a message already deleted
-                with contextlib.suppress(Exception):
-                    self.sqs.delete_message(QueueUrl=url, ReceiptHandle=receipt)
-            while got := self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
-                for m in got:
-                    self.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-
-
 @pytest.fixture
 def pipeline(
     stack: Any,
@@ -217,14 +44,19 @@ def pipeline(
     ca_trust_env: dict[str, str],
     smtp_server: Any,
     monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Pipeline]:
-    env = stack.function_env("SenderFunction")
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("TOKEN_HTTP_TIMEOUT_SECONDS", "2")
-    runtime.reset()
-    p = Pipeline(stack, env, fresh_token_server, smtp_server(), monkeypatch)
-    p.drain()
+) -> Iterator[MailPipeline]:
+    """The shared harness with the providers' own limits, tokens verified by HTTPS introspection."""
+    p = start_pipeline(
+        stack,
+        fresh_token_server,
+        smtp_server,
+        monkeypatch,
+        token_timeout=2,
+        gate_tokens=False,
+        default_limits={},
+        client_secret=CLIENT_SECRET,
+        password=PASSWORD,
+    )
     yield p
     p.drain()
     runtime.reset()
@@ -233,7 +65,7 @@ def pipeline(
 # ------------------------------------------------------------------------------------- delivery
 
 
-def test_queued_message_is_delivered_byte_for_byte_as_built_from_its_json(pipeline: Pipeline) -> None:
+def test_queued_message_is_delivered_byte_for_byte_as_built_from_its_json(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     message = pipeline.message(integration)
     pipeline.post(message)
@@ -257,7 +89,7 @@ def test_queued_message_is_delivered_byte_for_byte_as_built_from_its_json(pipeli
     assert status["reply"] == f"250 2.0.0 OK <{accepted.queue_id}>"
     assert status["attempts"] == 1
     assert pipeline.queue_depth() == (0, 0)
-    assert pipeline.dead_letters() == []
+    assert pipeline.dead_letter_messages() == []
 
 
 @pytest.mark.parametrize(
@@ -271,7 +103,7 @@ def test_queued_message_is_delivered_byte_for_byte_as_built_from_its_json(pipeli
     ],
 )
 def test_each_provider_type_authenticates_and_delivers(
-    pipeline: Pipeline, provider: str, mechanism: str
+    pipeline: MailPipeline, provider: str, mechanism: str
 ) -> None:
     integration = pipeline.add(provider)
     message = pipeline.message(integration)
@@ -283,7 +115,7 @@ def test_each_provider_type_authenticates_and_delivers(
     assert pipeline.status(message["id"])["status"] == "sent"
 
 
-def test_html_text_attachments_and_unicode_arrive_intact(pipeline: Pipeline) -> None:
+def test_html_text_attachments_and_unicode_arrive_intact(pipeline: MailPipeline) -> None:
     integration = pipeline.add("google")
     pdf = bytes(range(256)) * 40
     message = pipeline.message(
@@ -323,7 +155,7 @@ def test_html_text_attachments_and_unicode_arrive_intact(pipeline: Pipeline) -> 
     assert attachments == {"rechnung.pdf": pdf, "notiz.txt": "hi\n"}
 
 
-def test_non_ascii_mailbox_name_is_sent_with_smtputf8(pipeline: Pipeline) -> None:
+def test_non_ascii_mailbox_name_is_sent_with_smtputf8(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     message = pipeline.message(integration, to=["josé@example.com"])
 
@@ -334,7 +166,9 @@ def test_non_ascii_mailbox_name_is_sent_with_smtputf8(pipeline: Pipeline) -> Non
     assert "SMTPUTF8" in accepted.mail_options
 
 
-def test_partially_refused_recipients_are_recorded_and_the_others_get_the_message(pipeline: Pipeline) -> None:
+def test_partially_refused_recipients_are_recorded_and_the_others_get_the_message(
+    pipeline: MailPipeline,
+) -> None:
     integration = pipeline.add("microsoft")
     pipeline.smtp.fail("rcpt", 550, "5.1.1 User unknown", recipient="bo@example.com")
     message = pipeline.message(integration)
@@ -346,13 +180,13 @@ def test_partially_refused_recipients_are_recorded_and_the_others_get_the_messag
     status = pipeline.status(message["id"])
     assert status["status"] == "sent"
     assert status["refused"] == [{"recipient": "bo@example.com", "reply": "550 5.1.1 User unknown"}]
-    assert pipeline.dead_letters() == []
+    assert pipeline.dead_letter_messages() == []
 
 
 # ---------------------------------------------------------------------------------- idempotency
 
 
-def test_a_redelivered_sqs_message_is_not_sent_twice(pipeline: Pipeline) -> None:
+def test_a_redelivered_sqs_message_is_not_sent_twice(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     message = pipeline.message(integration)
     pipeline.post(message)
@@ -367,7 +201,7 @@ def test_a_redelivered_sqs_message_is_not_sent_twice(pipeline: Pipeline) -> None
     assert pipeline.status(message["id"])["attempts"] == 1
 
 
-def test_the_same_id_posted_twice_is_delivered_once(pipeline: Pipeline) -> None:
+def test_the_same_id_posted_twice_is_delivered_once(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     message = pipeline.message(integration)
 
@@ -380,7 +214,7 @@ def test_the_same_id_posted_twice_is_delivered_once(pipeline: Pipeline) -> None:
     assert pipeline.queue_depth() == (0, 0)
 
 
-def test_a_message_without_id_is_tracked_under_its_sqs_message_id(pipeline: Pipeline) -> None:
+def test_a_message_without_id_is_tracked_under_its_sqs_message_id(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     sqs_id = pipeline.post(pipeline.message(integration, id=None))
 
@@ -398,7 +232,7 @@ def build_mime_id(message_id: str) -> str:
 
 
 def test_a_claim_whose_sender_vanished_fails_as_delivery_uncertain_and_is_not_resent(
-    pipeline: Pipeline,
+    pipeline: MailPipeline,
 ) -> None:
     integration = pipeline.add("microsoft")
     message = pipeline.message(integration)
@@ -410,11 +244,11 @@ def test_a_claim_whose_sender_vanished_fails_as_delivery_uncertain_and_is_not_re
 
     assert pipeline.smtp.accepted == []
     assert pipeline.status(message["id"])["last_error"]["code"] == "delivery_uncertain"
-    [letter] = pipeline.dead_letters()
+    [letter] = pipeline.dead_letter_messages()
     assert letter["attributes"]["error_code"] == "delivery_uncertain"
 
 
-def test_a_copy_of_an_id_another_sender_is_sending_waits_for_the_claim_to_end(pipeline: Pipeline) -> None:
+def test_a_copy_of_an_id_another_sender_is_sending_waits_for_the_claim_to_end(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     message = pipeline.message(integration)
     pipeline.statuses.start_sending(message["id"], integration, None, holder="busy", lease_seconds=120)
@@ -430,7 +264,7 @@ def test_a_copy_of_an_id_another_sender_is_sending_waits_for_the_claim_to_end(pi
 # -------------------------------------------------------------------------------------- batches
 
 
-def test_a_batch_of_ten_to_one_integration_uses_one_connection_and_one_auth(pipeline: Pipeline) -> None:
+def test_a_batch_of_ten_to_one_integration_uses_one_connection_and_one_auth(pipeline: MailPipeline) -> None:
     # Limits above the batch, so the governor lets all ten through at once.
     integration = pipeline.add("microsoft", limits={"messages_per_minute": 600})
     messages = [pipeline.message(integration) for _ in range(10)]
@@ -445,7 +279,7 @@ def test_a_batch_of_ten_to_one_integration_uses_one_connection_and_one_auth(pipe
 
 
 def test_a_batch_paced_by_the_governor_waits_on_its_connection_instead_of_requeueing(
-    pipeline: Pipeline,
+    pipeline: MailPipeline,
 ) -> None:
     # 60 a minute: a burst of 6, then about one a second — short waits, taken inside the batch.
     integration = pipeline.add("microsoft", limits={"messages_per_minute": 60})
@@ -458,7 +292,7 @@ def test_a_batch_paced_by_the_governor_waits_on_its_connection_instead_of_requeu
     assert pipeline.delays() == []
 
 
-def test_bad_json_in_the_middle_of_a_batch_does_not_affect_the_others(pipeline: Pipeline) -> None:
+def test_bad_json_in_the_middle_of_a_batch_does_not_affect_the_others(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     first, last = pipeline.message(integration), pipeline.message(integration)
     pipeline.post(first)
@@ -471,13 +305,13 @@ def test_bad_json_in_the_middle_of_a_batch_does_not_affect_the_others(pipeline: 
     assert pipeline.status(first["id"])["status"] == pipeline.status(last["id"])["status"] == "sent"
     broken = pipeline.status(broken_sqs_id)
     assert broken["status"] == "failed" and broken["last_error"]["code"] == "invalid_message"
-    [letter] = pipeline.dead_letters()
+    [letter] = pipeline.dead_letter_messages()
     assert letter["body"] == '{"integration": "x", "to": ["a@b.example"'
     assert letter["attributes"]["message_id"] == broken_sqs_id
     assert pipeline.queue_depth() == (0, 0)
 
 
-def test_an_invalid_message_lists_every_problem_in_its_status_and_dead_letter(pipeline: Pipeline) -> None:
+def test_an_invalid_message_lists_every_problem_in_its_status_and_dead_letter(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     message = pipeline.message(integration, to=[], headers={"X-Bad": "line\r\nBcc: victim@example.com"})
 
@@ -487,14 +321,14 @@ def test_an_invalid_message_lists_every_problem_in_its_status_and_dead_letter(pi
     assert status["status"] == "failed"
     problems = {p["field"] for p in status["last_error"]["details"]}
     assert {"to", "headers.X-Bad"} <= problems
-    [letter] = pipeline.dead_letters()
+    [letter] = pipeline.dead_letter_messages()
     assert letter["attributes"]["error_code"] == "invalid_message"
     assert letter["attributes"]["message_id"] == message["id"]
     assert "to" in letter["attributes"]["error_message"]
     assert pipeline.smtp.accepted == []
 
 
-def test_broken_json_with_a_recognisable_id_is_recorded_under_that_id(pipeline: Pipeline) -> None:
+def test_broken_json_with_a_recognisable_id_is_recorded_under_that_id(pipeline: MailPipeline) -> None:
     pipeline.add("microsoft")
     message_id = f"broken-{pipeline.uid}"
 
@@ -506,51 +340,51 @@ def test_broken_json_with_a_recognisable_id_is_recorded_under_that_id(pipeline: 
 # ------------------------------------------------------------------------------ permanent failures
 
 
-def _unknown_integration(p: Pipeline) -> dict[str, Any]:
+def _unknown_integration(p: MailPipeline) -> dict[str, Any]:
     p.add("microsoft")
     return p.message(f"nobody-{p.uid}")
 
 
-def _sender_not_allowed(p: Pipeline) -> dict[str, Any]:
+def _sender_not_allowed(p: MailPipeline) -> dict[str, Any]:
     return p.message(p.add("microsoft"), **{"from": {"email": "ceo@contoso.com"}})
 
 
-def _token_invalid_grant(p: Pipeline) -> dict[str, Any]:
+def _token_invalid_grant(p: MailPipeline) -> dict[str, Any]:
     integration = p.add("google")
     p.tokens.revoke_refresh_token(p.integrations.get(integration).refresh_token.get_secret_value())
     return p.message(integration)
 
 
-def _token_invalid_client(p: Pipeline) -> dict[str, Any]:
+def _token_invalid_client(p: MailPipeline) -> dict[str, Any]:
     integration = p.add("microsoft")
     p.tokens.register_microsoft_app("contoso", f"client-{integration}", "a-rotated-secret")
     return p.message(integration)
 
 
-def _smtp_auth_failed(p: Pipeline) -> dict[str, Any]:
+def _smtp_auth_failed(p: MailPipeline) -> dict[str, Any]:
     return p.message(p.add("microsoft", mailbox={"allowed_clients": ["another-app"]}))
 
 
-def _smtp_auth_disabled(p: Pipeline) -> dict[str, Any]:
+def _smtp_auth_disabled(p: MailPipeline) -> dict[str, Any]:
     return p.message(p.add("microsoft", mailbox={"smtp_auth_disabled": True}))
 
 
-def _send_as_denied(p: Pipeline) -> dict[str, Any]:
+def _send_as_denied(p: MailPipeline) -> dict[str, Any]:
     integration = p.add("microsoft", senders=[{"email": SENDER}, {"email": ALIAS}])
     return p.message(integration, **{"from": {"email": ALIAS}})
 
 
-def _recipient_rejected(p: Pipeline) -> dict[str, Any]:
+def _recipient_rejected(p: MailPipeline) -> dict[str, Any]:
     p.smtp.fail("rcpt", 550, "5.1.1 User unknown", times=2)
     return p.message(p.add("microsoft"))
 
 
-def _message_too_large(p: Pipeline) -> dict[str, Any]:
+def _message_too_large(p: MailPipeline) -> dict[str, Any]:
     p.smtp.size_limit = 2000
     return p.message(p.add("microsoft"), text="x" * 3000)
 
 
-def _smtp_permanent(p: Pipeline) -> dict[str, Any]:
+def _smtp_permanent(p: MailPipeline) -> dict[str, Any]:
     p.smtp.fail("eod", 550, "5.7.1 Message rejected as spam")
     return p.message(p.add("microsoft"))
 
@@ -571,7 +405,7 @@ def _smtp_permanent(p: Pipeline) -> dict[str, Any]:
     ],
 )
 def test_a_permanent_failure_is_recorded_and_dead_lettered_with_its_reason(
-    pipeline: Pipeline, code: str, arrange: Any
+    pipeline: MailPipeline, code: str, arrange: Any
 ) -> None:
     message = arrange(pipeline)
 
@@ -582,7 +416,7 @@ def test_a_permanent_failure_is_recorded_and_dead_lettered_with_its_reason(
     assert status["status"] == "failed"
     assert status["last_error"]["code"] == code
     assert status["last_error"]["hint"]
-    [letter] = pipeline.dead_letters()
+    [letter] = pipeline.dead_letter_messages()
     assert json.loads(letter["body"]) == message
     assert letter["attributes"]["error_code"] == code
     assert letter["attributes"]["message_id"] == message["id"]
@@ -593,7 +427,7 @@ def test_a_permanent_failure_is_recorded_and_dead_lettered_with_its_reason(
     assert pipeline.visibility == []
 
 
-def test_smtp_auth_failure_is_final_only_after_one_fresh_token(pipeline: Pipeline) -> None:
+def test_smtp_auth_failure_is_final_only_after_one_fresh_token(pipeline: MailPipeline) -> None:
     message = _smtp_auth_failed(pipeline)
 
     pipeline.deliver(message)
@@ -602,7 +436,7 @@ def test_smtp_auth_failure_is_final_only_after_one_fresh_token(pipeline: Pipelin
     assert pipeline.tokens.issued(client_id=f"client-{message['integration']}") == 2
 
 
-def test_connection_lost_after_the_body_is_never_resent(pipeline: Pipeline) -> None:
+def test_connection_lost_after_the_body_is_never_resent(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     pipeline.smtp.fail("disconnect_after_eod")
     message = pipeline.message(integration)
@@ -616,24 +450,24 @@ def test_connection_lost_after_the_body_is_never_resent(pipeline: Pipeline) -> N
     assert len(pipeline.smtp.accepted) == 1  # the server did take it
     status = pipeline.status(message["id"])
     assert (status["status"], status["last_error"]["code"]) == ("failed", "delivery_uncertain")
-    letters = pipeline.dead_letters()
+    letters = pipeline.dead_letter_messages()
     assert {letter["attributes"]["error_code"] for letter in letters} == {"delivery_uncertain"}
 
 
 # ------------------------------------------------------------------------------ retryable failures
 
 
-def _throttled(p: Pipeline) -> dict[str, Any]:
+def _throttled(p: MailPipeline) -> dict[str, Any]:
     p.smtp.fail("eod", 432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded")
     return p.message(p.add("microsoft"))
 
 
-def _smtp_transient(p: Pipeline) -> dict[str, Any]:
+def _smtp_transient(p: MailPipeline) -> dict[str, Any]:
     p.smtp.fail("mail", 451, "4.3.0 Temporary server error. Please try again later")
     return p.message(p.add("microsoft"))
 
 
-def _token_unavailable(p: Pipeline) -> dict[str, Any]:
+def _token_unavailable(p: MailPipeline) -> dict[str, Any]:
     integration = p.add("oauth2")
     p.tokens.fail_next("500", times=10)
     return p.message(integration)
@@ -648,7 +482,7 @@ def _token_unavailable(p: Pipeline) -> dict[str, Any]:
     ],
 )
 def test_a_retryable_failure_goes_back_on_the_queue_after_the_first_retry_delay(
-    pipeline: Pipeline, code: str, arrange: Any
+    pipeline: MailPipeline, code: str, arrange: Any
 ) -> None:
     message = arrange(pipeline)
     before = time.time()
@@ -663,11 +497,11 @@ def test_a_retryable_failure_goes_back_on_the_queue_after_the_first_retry_delay(
     next_attempt = dt.datetime.fromisoformat(status["next_attempt_at"]).timestamp()
     assert before + delay - 2 <= next_attempt <= time.time() + delay + 1
     assert pipeline.queue_depth() == (0, 1)  # on the send queue, invisible until then
-    assert pipeline.dead_letters() == []
+    assert pipeline.dead_letter_messages() == []
     assert pipeline.smtp.accepted == []
 
 
-def test_a_providers_retry_after_longer_than_the_schedule_is_honoured(pipeline: Pipeline) -> None:
+def test_a_providers_retry_after_longer_than_the_schedule_is_honoured(pipeline: MailPipeline) -> None:
     integration = pipeline.add("oauth2")
     pipeline.tokens.fail_next("429", retry_after=300)
     message = pipeline.message(integration)
@@ -680,7 +514,7 @@ def test_a_providers_retry_after_longer_than_the_schedule_is_honoured(pipeline: 
 
 
 def test_aws_unavailable_is_retried_on_the_receive_count_when_no_status_can_be_kept(
-    pipeline: Pipeline,
+    pipeline: MailPipeline,
 ) -> None:
     integration = pipeline.add("microsoft")
     pipeline.setenv("MESSAGE_TABLE", f"missing-{pipeline.uid}")
@@ -693,10 +527,10 @@ def test_aws_unavailable_is_retried_on_the_receive_count_when_no_status_can_be_k
     assert ONE_MINUTE[0] <= delay <= ONE_MINUTE[1]
     assert pipeline.queue_depth() == (0, 1)
     assert pipeline.smtp.accepted == []
-    assert pipeline.dead_letters() == []
+    assert pipeline.dead_letter_messages() == []
 
 
-def test_retry_delays_grow_with_each_attempt_until_the_message_is_sent(pipeline: Pipeline) -> None:
+def test_retry_delays_grow_with_each_attempt_until_the_message_is_sent(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     pipeline.smtp.fail("mail", 451, "4.3.0 Try again later", times=2)
     message = pipeline.message(integration)
@@ -719,7 +553,7 @@ def test_retry_delays_grow_with_each_attempt_until_the_message_is_sent(pipeline:
 
 
 def test_a_message_older_than_the_maximum_age_fails_as_expired_with_its_last_error(
-    pipeline: Pipeline,
+    pipeline: MailPipeline,
 ) -> None:
     integration = pipeline.add("microsoft")
     pipeline.setenv("MAX_MESSAGE_AGE_HOURS", "0.0001")  # 0.36 s
@@ -733,14 +567,14 @@ def test_a_message_older_than_the_maximum_age_fails_as_expired_with_its_last_err
     status = pipeline.status(message["id"])
     assert (status["status"], status["last_error"]["code"]) == ("failed", "expired")
     assert status["last_error"]["last_error"]["code"] == "smtp_transient"
-    [letter] = pipeline.dead_letters()
+    [letter] = pipeline.dead_letter_messages()
     assert letter["attributes"]["error_code"] == "expired"
     assert "smtp_transient" in letter["attributes"]["error_message"]
     assert pipeline.queue_depth() == (0, 0)
 
 
 def test_a_retryable_failure_on_the_last_receive_sqs_allows_is_dead_lettered_with_its_error(
-    pipeline: Pipeline,
+    pipeline: MailPipeline,
 ) -> None:
     integration = pipeline.add("microsoft")
     message = pipeline.message(integration)
@@ -759,12 +593,12 @@ def test_a_retryable_failure_on_the_last_receive_sqs_allows_is_dead_lettered_wit
     assert (status["status"], status["last_error"]["code"]) == ("failed", "expired")
     assert "maxReceiveCount" in status["last_error"]["message"]
     assert status["last_error"]["last_error"]["code"] == "smtp_transient"
-    [letter] = pipeline.dead_letters()
+    [letter] = pipeline.dead_letter_messages()
     assert letter["attributes"]["error_code"] == "expired"
 
 
 def test_a_throttled_reply_holds_back_the_rest_of_the_batch_without_counting_attempts(
-    pipeline: Pipeline,
+    pipeline: MailPipeline,
 ) -> None:
     integration = pipeline.add("microsoft")
     pipeline.smtp.fail("eod", 432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded")
@@ -785,7 +619,7 @@ def test_a_throttled_reply_holds_back_the_rest_of_the_batch_without_counting_att
     assert all(d >= 54 for d in pipeline.delays())
 
 
-def test_over_the_governor_rate_a_message_waits_without_counting_an_attempt(pipeline: Pipeline) -> None:
+def test_over_the_governor_rate_a_message_waits_without_counting_an_attempt(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft", limits={"messages_per_minute": 1})
     first, second = pipeline.message(integration), pipeline.message(integration)
 
@@ -798,7 +632,7 @@ def test_over_the_governor_rate_a_message_waits_without_counting_an_attempt(pipe
     assert 50 <= delay <= 61
 
 
-def test_a_failed_visibility_change_still_fails_the_record(pipeline: Pipeline) -> None:
+def test_a_failed_visibility_change_still_fails_the_record(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     pipeline.smtp.fail("mail", 451, "4.3.0 Try again later")
     message = pipeline.message(integration)
@@ -813,7 +647,7 @@ def test_a_failed_visibility_change_still_fails_the_record(pipeline: Pipeline) -
     assert pipeline.queue_depth() == (0, 1)  # the queue's own visibility timeout applies
 
 
-def test_a_message_the_dead_letter_queue_cannot_take_stays_on_the_send_queue(pipeline: Pipeline) -> None:
+def test_a_message_the_dead_letter_queue_cannot_take_stays_on_the_send_queue(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     pipeline.setenv("DEAD_LETTER_QUEUE_URL", pipeline.dlq_url + "-missing")
     message = pipeline.message(integration, **{"from": {"email": "ceo@contoso.com"}})
@@ -828,10 +662,10 @@ def test_a_message_the_dead_letter_queue_cannot_take_stays_on_the_send_queue(pip
 # ----------------------------------------------------------------------------------------- re-drive
 
 
-def redrive(p: Pipeline) -> None:
+def redrive(p: MailPipeline) -> None:
     """What ``aws sqs start-message-move-task`` does: each dead letter back on the send queue,
     attributes included (moto does not implement move tasks)."""
-    for letter in p.dead_letters():
+    for letter in p.dead_letter_messages():
         raw = letter["raw"]
         p.sqs.send_message(
             QueueUrl=p.queue_url, MessageBody=raw["Body"], MessageAttributes=raw.get("MessageAttributes", {})
@@ -839,7 +673,7 @@ def redrive(p: Pipeline) -> None:
         p.sqs.delete_message(QueueUrl=p.dlq_url, ReceiptHandle=raw["ReceiptHandle"])
 
 
-def test_a_redriven_message_is_sent_once_the_cause_is_fixed(pipeline: Pipeline) -> None:
+def test_a_redriven_message_is_sent_once_the_cause_is_fixed(pipeline: MailPipeline) -> None:
     pipeline.setenv("SECRET_MAX_AGE_SECONDS", "0")  # see the fixed integration at once, not in a minute
     integration = pipeline.add("microsoft", mailbox={"send_as": [ALIAS]})
     message = pipeline.message(integration, **{"from": {"email": ALIAS}})
@@ -856,7 +690,7 @@ def test_a_redriven_message_is_sent_once_the_cause_is_fixed(pipeline: Pipeline) 
     assert len(pipeline.smtp.accepted) == 1
 
 
-def test_an_uncertain_delivery_is_resent_only_when_an_operator_redrives_it(pipeline: Pipeline) -> None:
+def test_an_uncertain_delivery_is_resent_only_when_an_operator_redrives_it(pipeline: MailPipeline) -> None:
     integration = pipeline.add("microsoft")
     pipeline.smtp.fail("disconnect_after_eod")
     message = pipeline.message(integration)
@@ -874,7 +708,7 @@ def test_an_uncertain_delivery_is_resent_only_when_an_operator_redrives_it(pipel
 
 
 def test_no_credential_appears_in_logs_status_records_or_dead_letters(
-    pipeline: Pipeline, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    pipeline: MailPipeline, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     microsoft = pipeline.add("microsoft")
     basic = pipeline.add("basic")
@@ -898,7 +732,7 @@ def test_no_credential_appears_in_logs_status_records_or_dead_letters(
             captured.err,
             caplog.text,
             json.dumps(items),
-            json.dumps([letter["raw"] for letter in pipeline.dead_letters()]),
+            json.dumps([letter["raw"] for letter in pipeline.dead_letter_messages()]),
         ]
     )
     assert "MessagesSent" in captured.out and "MessagesFailed" in captured.out
@@ -906,7 +740,9 @@ def test_no_credential_appears_in_logs_status_records_or_dead_letters(
         assert secret not in everything
 
 
-def test_metrics_are_emitted_per_integration(pipeline: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+def test_metrics_are_emitted_per_integration(
+    pipeline: MailPipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
     integration = pipeline.add("microsoft")
     pipeline.smtp.fail("rcpt", 550, "5.1.1 User unknown", times=2)
     pipeline.deliver(pipeline.message(integration), pipeline.message(integration))
