@@ -146,6 +146,12 @@ class TokenApiEnv(EnvModel):
         return frozenset(p.strip() for p in self.token_api_principals.split(",") if p.strip())
 
 
+class EventBusEnv(EnvModel):
+    """The EventBridge bus that receives delivery events (the account's default bus by default)."""
+
+    event_bus_name: Name = Field(default="default", alias="EVENT_BUS_NAME")
+
+
 # --- one model per function ---------------------------------------------------------------------
 
 
@@ -161,7 +167,16 @@ class KeeperSettings(SecretsEnv, TokenCacheEnv, AlertsEnv):
     """The keeper: every integration's token and health, alerts on the topic."""
 
 
-FUNCTION_SETTINGS: tuple[type[EnvModel], ...] = (TokenBrokerSettings, SenderSettings, KeeperSettings)
+class EventPublisherSettings(EventBusEnv):
+    """The event publisher: the tables' streams in, delivery events on the bus."""
+
+
+FUNCTION_SETTINGS: tuple[type[EnvModel], ...] = (
+    TokenBrokerSettings,
+    SenderSettings,
+    KeeperSettings,
+    EventPublisherSettings,
+)
 
 
 M = TypeVar("M", bound=EnvModel)

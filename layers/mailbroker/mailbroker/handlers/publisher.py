@@ -1,0 +1,46 @@
+"""The event publisher function: DynamoDB stream batches of status and health records in,
+delivery events on EventBridge out, partial batch failures back (``ReportBatchItemFailures``).
+
+A record whose events could not be put raises, so the batch reports it and the stream delivers it
+(and those after it) again: an event is never lost once its record is written. Records that
+announce nothing (``queued``, ``sending``, tokens, leases) succeed without a call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+
+from mailbroker import runtime
+from mailbroker.events import EventPublisher, events_for_change
+from mailbroker.observability import logger, metrics
+from mailbroker.settings import Settings, get_settings
+
+
+def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    publisher = build_publisher(get_settings())
+    processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
+
+    def publish(record: Any) -> int:
+        raw = record.raw_event if hasattr(record, "raw_event") else record
+        events = events_for_change(raw)
+        published = publisher.publish(events)
+        for announced in events:
+            logger.info(
+                "delivery event published",
+                extra={"detail_type": announced.detail_type, "id": announced.detail["id"]},
+            )
+        return published
+
+    answer = process_partial_response(
+        event=event, record_handler=publish, processor=processor, context=context
+    )
+    failed = len(answer.get("batchItemFailures", []))
+    metrics.add_metric(name="EventRecordsFailed", unit="Count", value=failed)
+    metrics.add_metric(name="EventRecordsRead", unit="Count", value=len(event.get("Records", [])))
+    return dict(answer)
+
+
+def build_publisher(settings: Settings) -> EventPublisher:
+    return EventPublisher(runtime.aws_client("events"), settings.event_bus_name)
