@@ -16,7 +16,14 @@ GLOBALS: dict[str, Any] = TEMPLATE["Globals"]["Function"]
 FUNCTIONS = {lid: spec for lid, spec in RESOURCES.items() if spec["Type"] == "AWS::Serverless::Function"}
 # Actions whose service offers no resource-level permissions: "*" is the only valid resource.
 # Metrics need no entry: Powertools writes them to the log as EMF.
-UNSCOPABLE_ACTIONS = {"secretsmanager:ListSecrets", "xray:PutTraceSegments", "xray:PutTelemetryRecords"}
+UNSCOPABLE_ACTIONS = {
+    "secretsmanager:ListSecrets",
+    "dynamodb:ListStreams",
+    "xray:PutTraceSegments",
+    "xray:PutTelemetryRecords",
+}
+# What a DynamoDB stream event source mapping needs of its function's role.
+STREAM_READS = {"DescribeStream", "GetRecords", "GetShardIterator", "ListStreams"}
 DESIGN_ROUTES = {
     ("POST", "/v1/integrations/{id}/token"),
     ("GET", "/v1/integrations/{id}/health"),
@@ -24,6 +31,17 @@ DESIGN_ROUTES = {
     ("POST", "/v1/messages"),
     ("GET", "/v1/messages/{id}"),
 }
+
+
+def unconditional(statements: list[Any]) -> list[dict[str, Any]]:
+    """Policy statements, with those under ``Fn::If`` taken from whichever branch holds one."""
+    found: list[dict[str, Any]] = []
+    for statement in statements:
+        if "Fn::If" in statement:
+            found.extend(branch for branch in statement["Fn::If"][1:] if "Effect" in branch)
+        else:
+            found.append(statement)
+    return found
 
 
 def of_type(resource_type: str) -> dict[str, Any]:
@@ -114,6 +132,7 @@ def test_handlers_live_where_the_design_puts_them():
         "functions/token_broker": "app.lambda_handler",
         "functions/sender": "app.lambda_handler",
         "functions/keeper": "app.lambda_handler",
+        "functions/event_publisher": "app.lambda_handler",
     }
 
 
@@ -196,7 +215,7 @@ def test_every_queue_is_encrypted_and_denies_insecure_transport():
     queues = set(of_type("AWS::SQS::Queue"))
     denied: set[str] = set()
     for policy in of_type("AWS::SQS::QueuePolicy").values():
-        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+        for statement in unconditional(policy["Properties"]["PolicyDocument"]["Statement"]):
             if (
                 statement["Effect"] == "Deny"
                 and statement["Condition"]["Bool"]["aws:SecureTransport"] == "false"
@@ -286,7 +305,7 @@ def test_no_function_may_change_secrets_or_tables_beyond_items():
             if service == "secretsmanager":
                 assert verb in {"GetSecretValue", "ListSecrets"}, action
             if service == "dynamodb":
-                assert verb.endswith("Item"), action
+                assert verb.endswith("Item") or verb in STREAM_READS, action
 
 
 def test_each_function_writes_only_to_its_own_log_group_with_retention():
@@ -308,6 +327,10 @@ def test_the_key_is_rotated_and_named_in_its_policy_for_each_function_role():
     statements = key["Properties"]["KeyPolicy"]["Statement"]
     (functions_use,) = [s for s in statements if s.get("Sid") == "FunctionsUse"]
     named = {ref_target(arn) for arn in functions_use["Principal"]["AWS"]}
+    # The event publisher only decrypts (the tables' streams): its own statement, without GenerateDataKey.
+    (reads_streams,) = [s for s in statements if s.get("Sid") == "PublisherReadsStreams"]
+    assert reads_streams["Action"] == "kms:Decrypt"
+    named.add(ref_target(reads_streams["Principal"]["AWS"]))
     assert named == {ref_target(props(function_id)["Role"]) for function_id in FUNCTIONS}
 
 
@@ -340,10 +363,13 @@ def alarms_on(metric: str) -> list[dict[str, Any]]:
     ]
 
 
-def test_a_message_in_the_dead_letter_queue_raises_an_alarm_to_the_alert_topic():
-    (alarm,) = alarms_on("ApproximateNumberOfMessagesVisible")
-    (dimension,) = alarm["Dimensions"]
-    assert dimension["Value"] == {"Fn::GetAtt": ["DeadLetterQueue", "QueueName"]}
+@pytest.mark.parametrize("queue", ["DeadLetterQueue", "EventFailureQueue"])
+def test_a_message_in_a_failure_queue_raises_an_alarm_to_the_alert_topic(queue):
+    (alarm,) = [
+        a
+        for a in alarms_on("ApproximateNumberOfMessagesVisible")
+        if a["Dimensions"][0]["Value"] == {"Fn::GetAtt": [queue, "QueueName"]}
+    ]
     assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
     assert alarm["AlarmActions"] == [{"Ref": "AlertTopic"}]
 
@@ -377,3 +403,51 @@ def test_outputs_give_operators_and_tests_what_they_need():
         "KeeperFunctionArn",
         "SecretPrefix",
     } <= set(TEMPLATE["Outputs"])
+
+
+# ------------------------------------------------------------------------------ delivery events
+
+
+def test_the_event_publisher_reads_the_two_streams_and_puts_events_on_one_bus_only():
+    statements = role_statements("EventPublisherFunction")
+    actions = allowed_actions("EventPublisherFunction")
+    assert not any(action.endswith("Item") for action in actions), "the publisher never touches an item"
+    (put,) = [s for s in statements if "events:PutEvents" in as_list(s["Action"])]
+    assert put["Resource"]["Fn::Sub"].endswith(":event-bus/${EventBusName}")
+    (reads,) = [s for s in statements if "dynamodb:GetRecords" in as_list(s["Action"])]
+    assert {tuple(r["Fn::GetAtt"]) for r in reads["Resource"]} == {
+        ("MessageTable", "StreamArn"),
+        ("TokenTable", "StreamArn"),
+    }
+    for function_id in ("TokenBrokerFunction", "SenderFunction", "KeeperFunction"):
+        assert not {"events:PutEvents", "dynamodb:GetRecords"} & allowed_actions(function_id)
+
+
+def test_the_publishers_stream_mappings_retry_bisect_and_record_what_they_give_up_on():
+    events = props("EventPublisherFunction")["Events"]
+    assert {e["Properties"]["Stream"]["Fn::GetAtt"][0] for e in events.values()} == {
+        "MessageTable",
+        "TokenTable",
+    }
+    for event in events.values():
+        mapping = event["Properties"]
+        assert event["Type"] == "DynamoDB"
+        assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+        assert mapping["BisectBatchOnFunctionError"] is True
+        assert mapping["MaximumRecordAgeInSeconds"] == 86400  # as long as the stream keeps a record
+        assert mapping["DestinationConfig"]["OnFailure"]["Destination"] == {
+            "Fn::GetAtt": ["EventFailureQueue", "Arn"]
+        }
+    for table in ("MessageTable", "TokenTable"):
+        assert props(table)["StreamSpecification"] == {"StreamViewType": "NEW_AND_OLD_IMAGES"}
+
+
+def test_the_delivery_events_rule_exists_only_when_an_operator_names_a_target():
+    rule = RESOURCES["DeliveryEventsRule"]
+    assert rule["Condition"] == "HasEventsTarget"
+    assert TEMPLATE["Parameters"]["EventsTargetArn"]["Default"] == ""
+    assert TEMPLATE["Parameters"]["EventBusName"]["Default"] == "default"
+    assert rule["Properties"]["EventPattern"] == {"source": ["mailbroker"]}
+    (target,) = rule["Properties"]["Targets"]
+    assert target["Arn"] == {"Ref": "EventsTargetArn"}
+    assert RESOURCES["DeliveryEventsTargetRole"]["Condition"] == "EventsTargetIsApiDestination"
