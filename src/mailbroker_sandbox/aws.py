@@ -1,7 +1,8 @@
 """The sandbox's AWS: moto in server mode, with the stack's resources created from ``template.yaml``.
 
 ``provision()`` walks the template's resources in dependency order and creates every DynamoDB
-table, SQS queue, SNS topic and KMS key (and alias) on the moto server, with the key schemas, TTL,
+table (with its stream), SQS queue, SNS topic, KMS key (and alias) and EventBridge rule on the
+moto server, with the key schemas, TTL,
 timeouts and redrive policies the template declares. Functions, the HTTP API, roles, log groups
 and alarms have no local counterpart: they get placeholder names so that every ``!Ref``,
 ``!GetAtt`` and ``!Sub`` still resolves, and the functions' environment and settings are read
@@ -458,7 +459,10 @@ class Stack:
         Keys: runtime, architectures, handler, code_uri, timeout, memory_size, tracing, events
         (name -> {"type", **resolved properties}); for an SQS event also queue_url, queue_arn,
         batch_size, maximum_batching_window, function_response_types, maximum_concurrency; for a
-        schedule, schedule_expression; for HTTP API events, routes [(method, path)].
+        schedule, schedule_expression; for HTTP API events, routes [(method, path)]; for DynamoDB
+        stream events, streams [{"name", "stream_arn", "starting_position", "batch_size",
+        "function_response_types", "filters" (parsed patterns), "on_failure" (a queue ARN or None),
+        "maximum_retry_attempts"}].
         """
         properties = self.resolver.resolve(self._function_properties(logical_id))
         settings: dict[str, Any] = {
@@ -472,6 +476,7 @@ class Stack:
             "environment": self.function_env(logical_id),
             "events": {},
             "routes": [],
+            "streams": [],
         }
         arn_to_url = {self.attribute(lid, "Arn"): url for lid, url in self.queue_urls.items()}
         for name, event in (properties.get("Events") or {}).items():
@@ -492,6 +497,8 @@ class Stack:
                 settings["schedule_expression"] = props.get("ScheduleExpression") or props.get("Schedule")
             elif kind in ("HttpApi", "Api"):
                 settings["routes"].append((str(props.get("Method", "ANY")).upper(), props.get("Path")))
+            elif kind == "DynamoDB":
+                settings["streams"].append(_stream_source(name, props))
         return settings
 
     @property
@@ -555,6 +562,21 @@ def _client(endpoint_url: str, region: str, service: str) -> Any:
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         aws_session_token=env["AWS_SESSION_TOKEN"],
     )
+
+
+def _stream_source(name: str, props: Mapping[str, Any]) -> dict[str, Any]:
+    patterns = ((props.get("FilterCriteria") or {}).get("Filters")) or []
+    on_failure = ((props.get("DestinationConfig") or {}).get("OnFailure")) or {}
+    return {
+        "name": name,
+        "stream_arn": props["Stream"],
+        "starting_position": props.get("StartingPosition", "LATEST"),
+        "batch_size": int(props.get("BatchSize", 100)),
+        "function_response_types": list(props.get("FunctionResponseTypes", [])),
+        "filters": [json.loads(f["Pattern"]) for f in patterns],
+        "on_failure": on_failure.get("Destination"),
+        "maximum_retry_attempts": int(props.get("MaximumRetryAttempts", -1)),
+    }
 
 
 def _only(found: Mapping[str, str], what: str) -> str:
@@ -753,12 +775,34 @@ def _create_alias(stack: Stack, logical_id: str, props: dict[str, Any]) -> tuple
     return props["AliasName"], {}
 
 
+def _create_rule(stack: Stack, logical_id: str, props: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An EventBridge rule and its targets. moto delivers matching events to SQS targets."""
+    events = stack.client("events")
+    rule_name = props.get("Name") or _physical_name(stack, logical_id, 64)
+    bus = props.get("EventBusName") or "default"
+    request: dict[str, Any] = {"Name": rule_name, "EventBusName": bus, "State": props.get("State", "ENABLED")}
+    if "EventPattern" in props:
+        pattern = props["EventPattern"]
+        request["EventPattern"] = pattern if isinstance(pattern, str) else json.dumps(pattern)
+    if "ScheduleExpression" in props:
+        request["ScheduleExpression"] = props["ScheduleExpression"]
+    arn = events.put_rule(**request)["RuleArn"]
+    targets = [
+        {key: target[key] for key in ("Id", "Arn", "RoleArn", "Input", "InputPath") if key in target}
+        for target in props.get("Targets") or []
+    ]
+    if targets:
+        events.put_targets(Rule=rule_name, EventBusName=bus, Targets=targets)
+    return f"{bus}|{rule_name}", {"Arn": arn}
+
+
 _CREATORS = {
     "AWS::DynamoDB::Table": _create_table,
     "AWS::SQS::Queue": _create_queue,
     "AWS::SNS::Topic": _create_topic,
     "AWS::KMS::Key": _create_key,
     "AWS::KMS::Alias": _create_alias,
+    "AWS::Events::Rule": _create_rule,
 }
 
 _DELETERS = {
@@ -769,7 +813,15 @@ _DELETERS = {
         KeyId=key, PendingWindowInDays=7
     ),
     "AWS::KMS::Alias": lambda stack, alias: stack.client("kms").delete_alias(AliasName=alias),
+    "AWS::Events::Rule": lambda stack, ref: _delete_rule(stack.client("events"), *ref.split("|", 1)),
 }
+
+
+def _delete_rule(events: Any, bus: str, rule: str) -> None:
+    ids = [t["Id"] for t in events.list_targets_by_rule(Rule=rule, EventBusName=bus).get("Targets", [])]
+    if ids:
+        events.remove_targets(Rule=rule, EventBusName=bus, Ids=ids)
+    events.delete_rule(Name=rule, EventBusName=bus)
 
 
 class _Attributes(dict[str, Any]):

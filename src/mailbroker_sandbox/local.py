@@ -44,6 +44,7 @@ FUNCTIONS = {
     "token_broker": "TokenBrokerFunction",
     "sender": "SenderFunction",
     "keeper": "KeeperFunction",
+    "event_publisher": "EventPublisherFunction",
 }
 
 
@@ -88,6 +89,8 @@ class Sandbox:
         self._handlers: dict[str, Any] = {}
         self._invoke_lock = threading.Lock()
         self._alert_queue_url = ""
+        # The queue the template's optional delivery-events rule targets (EventsTargetArn).
+        self.events_queue_url = ""
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -113,10 +116,11 @@ class Sandbox:
                 verify_token=HttpIntrospector(self.tokens.introspection_url, str(self.ca.ca_cert)),
                 hostname="smtp.sandbox.example",
             ).start()
+            parameters = {**self._events_target(), **self.parameters}
             self.stack = provision(
                 load_template(self.template_path),
                 endpoint_url=self.moto.endpoint_url,
-                parameters=self.parameters,
+                parameters=parameters,
                 stack_name=self.stack_name,
             )
             self.activate()
@@ -124,6 +128,26 @@ class Sandbox:
             self.stop()
             raise
         return self
+
+    def _events_target(self) -> dict[str, str]:
+        """An operator's queue for delivery events, given to the template as its rule's target."""
+        from mailbroker_sandbox.aws import aws_environment
+
+        if "EventsTargetArn" in self.parameters:
+            return {}
+        import boto3
+
+        env = aws_environment(self.moto.endpoint_url)
+        sqs = boto3.client(
+            "sqs",
+            endpoint_url=self.moto.endpoint_url,
+            region_name=env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
+        self.events_queue_url = sqs.create_queue(QueueName=f"{self.stack_name}-delivery-events")["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=self.events_queue_url, AttributeNames=["QueueArn"])
+        return {"EventsTargetArn": arn["Attributes"]["QueueArn"], "EventsTargetKind": "sqs"}
 
     def stop(self) -> None:
         for server in (self.smtp, self.tokens, self.moto):
@@ -231,6 +255,21 @@ class Sandbox:
         finally:
             if stream_handler is not None and previous is not None:
                 stream_handler.setStream(previous)
+
+    def stream_poller(self) -> Any:
+        """The event publisher's DynamoDB stream event source mappings, reading from now on."""
+        from mailbroker_sandbox.streams import StreamPoller
+
+        settings = self.stack.function_settings(FUNCTIONS["event_publisher"])
+        return StreamPoller(self, "event_publisher", settings, self.client)
+
+    def delivery_events(self, *, wait_seconds: int = 0) -> list[dict[str, Any]]:
+        """The delivery events the template's rule delivered to the sandbox's queue since the last call."""
+        from mailbroker_sandbox.streams import EventInbox
+
+        if not self.events_queue_url:
+            return []
+        return EventInbox(self.client("sqs"), self.events_queue_url).take(wait_seconds=wait_seconds)
 
     def http(
         self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
@@ -670,6 +709,9 @@ def _serve(sandbox: Sandbox, port: int, demo: bool, out: Any, log_path: Path) ->
     workers = [
         threading.Thread(target=_poll_forever, args=(poller, stop), daemon=True, name="sender-esm"),
         threading.Thread(target=_keeper_forever, args=(sandbox, stop), daemon=True, name="keeper-schedule"),
+        threading.Thread(
+            target=_publish_forever, args=(sandbox.stream_poller(), stop), daemon=True, name="streams-esm"
+        ),
     ]
     try:
         for worker in workers:
@@ -698,6 +740,7 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
                 "token_endpoints": sandbox.tokens.base_url,
                 "log": str(log_path),
                 "workdir": str(sandbox.workdir),
+                "delivery_events_queue": sandbox.events_queue_url,
             }
         )
         return
@@ -708,6 +751,8 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
     out.line(f"  token endpoints {sandbox.tokens.base_url}")
     out.line(f"  SMTP            127.0.0.1:{sandbox.smtp.port} (STARTTLS, sandbox CA)")
     out.line(f"  function logs   {log_path}")
+    if sandbox.events_queue_url:
+        out.line(f"  delivery events {sandbox.events_queue_url} (SQS target of the delivery-events rule)")
     if demos:
         out.line(f"  integrations    {', '.join(d.id for d in demos)}")
     out.line()
@@ -747,6 +792,18 @@ def _poll_forever(poller: QueuePoller, stop: threading.Event) -> None:
             continue
         if not outcome.received:
             stop.wait(0.2)
+
+
+def _publish_forever(poller: Any, stop: threading.Event) -> None:
+    """The event publisher's stream mappings: delivery events reach the rule's queue within a second."""
+    while not stop.is_set():
+        try:
+            outcome = poller.poll_once()
+        except Exception:
+            stop.wait(1)
+            continue
+        if not outcome.read:
+            stop.wait(0.5)
 
 
 def _keeper_forever(sandbox: Sandbox, stop: threading.Event) -> None:

@@ -5,7 +5,9 @@ the stack's tables, queues, topic and key from template.yaml and gives each func
 environment the template sets. Registers one integration per provider type, asks the token
 broker for a token for each (direct invoke), queues demo messages (one bound to fail for good,
 one throttled once), drives the sender as the SQS event source mapping would, runs the keeper
-once, and prints what happened. Then it stops everything it started.
+once, drives the event publisher from the tables' DynamoDB streams as its event source mappings
+would, prints the delivery events the template's rule delivered to an SQS queue, and prints what
+happened. Then it stops everything it started.
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ class Run:
         sandbox.subscribe_alerts()
         self.section('Tokens from the token broker (direct invoke {"integration": ID}), redacted')
         self.show_tokens(sandbox, demos)
+        publisher = sandbox.stream_poller()
         self.section("Messages queued")
         ids = self.queue_messages(sandbox)
         self.section("Sender, driven as the SQS event source mapping drives it")
@@ -170,6 +173,8 @@ class Run:
         failures = self.show_deliveries(sandbox, ids)
         self.section("Keeper, invoked once with the scheduled event")
         self.run_keeper(sandbox, demos)
+        self.section("Delivery events (tables' streams → event publisher → EventBridge → rule → SQS target)")
+        self.show_events(sandbox, publisher)
         self.section("Token calls per credential (counted by the provider stand-ins)")
         self.show_token_calls(sandbox, demos)
         self.out.line()
@@ -213,6 +218,10 @@ class Run:
                 )
             elif function == "keeper":
                 trigger = f"schedule {settings.get('schedule_expression')}"
+            elif settings["streams"]:
+                trigger = "DynamoDB streams of " + ", ".join(
+                    _table_of(stack, s["stream_arn"]) for s in settings["streams"]
+                )
             own = " ".join(sorted(set(envs[logical_id]) - shared))
             rows.append([logical_id, f"{settings['timeout']} s", trigger, own])
         self.table(["FUNCTION", "TIMEOUT", "TRIGGER", "ITS OWN ENVIRONMENT"], rows)
@@ -408,6 +417,26 @@ class Run:
             if alert.get("command"):
                 self.say(f"    run: {alert['command']}")
 
+    def show_events(self, sandbox: Sandbox, publisher: Any) -> None:
+        outcome = publisher.drain()
+        self.say(
+            f"{outcome.read} stream record(s) passed the mappings' filters, {outcome.invocations} "
+            f"invocation(s), {outcome.failed} record(s) offered again"
+        )
+        seen = sandbox.delivery_events(wait_seconds=1)
+        rows = []
+        for event in seen:
+            detail = event["detail"]
+            said = detail.get("code") or detail.get("reply") or "-"
+            rows.append(
+                [event["detail-type"], detail["id"], detail["status"], detail["attempts"], detail["at"], said]
+            )
+        self.table(["DETAIL TYPE", "ID", "STATUS", "ATTEMPTS", "AT", "CODE / REPLY"], rows)
+        self.say(
+            f"{len(seen)} event(s) on the rule's SQS target; consumers de-duplicate by "
+            "(id, detail-type, attempts)"
+        )
+
     def show_token_calls(self, sandbox: Sandbox, demos: list[Demo]) -> None:
         tokens = sandbox.tokens
         store = sandbox.integrations
@@ -445,6 +474,14 @@ def _status_store(sandbox: Sandbox) -> MessageStatusStore:
     from mailbroker.settings import MessageTableEnv
 
     return runtime.status_store(MessageTableEnv.from_env(sandbox.env))
+
+
+def _table_of(stack: Any, stream_arn: str) -> str:
+    """The logical id of the table whose stream ``stream_arn`` is."""
+    for logical_id in stack.table_names:
+        if stack.attribute(logical_id, "StreamArn") == stream_arn:
+            return str(logical_id)
+    return stream_arn
 
 
 def _ago_iso(text: str | None) -> str:

@@ -112,3 +112,17 @@ def test_make_run_prints_no_credential(run):
     assert not re.search(r"eyJ[\w-]{20,}\.[\w-]{20,}", text)  # no whole JWT
     assert not re.search(r"ya29\.[\w-]{20,}", text)
     assert not re.search(r"1//0[\w-]{20,}", text)
+
+
+@pytest.mark.xdist_group("make-run")
+def test_make_run_prints_the_delivery_events_the_rules_sqs_target_received(run):
+    out = section(run[0].stdout, "▸ Delivery events")
+    for message in ("order-8812", "welcome-ana", "receipt-77", "report-q3"):
+        assert re.search(rf"Message Sent\s+{message}\s+sent\s+1\s+\S+\s+250 2\.0\.0 OK <", out), message
+    assert re.search(r"Message Failed\s+invoice-2211\s+failed\s+1\s+\S+\s+send_as_denied", out)
+    assert re.search(r"Message Retrying\s+alert-disk\s+retrying\s+1\s+\S+\s+throttled", out)
+    assert re.search(r"Message Sent\s+alert-disk\s+sent\s+2\s", out)
+    assert re.search(
+        r"Integration Health Changed\s+gmail-revoked\s+unhealthy\s+\d+\s+\S+\s+token_invalid_grant", out
+    )
+    assert "8 event(s) on the rule's SQS target" in out
