@@ -12,6 +12,7 @@ from mailbroker import runtime
 from mailbroker.handlers import keeper, sender, token_broker
 from mailbroker.settings import (
     FUNCTION_SETTINGS,
+    EventPublisherSettings,
     KeeperSettings,
     SenderSettings,
     SettingsError,
@@ -27,6 +28,7 @@ FUNCTION_IDS = {
     TokenBrokerSettings: "TokenBrokerFunction",
     SenderSettings: "SenderFunction",
     KeeperSettings: "KeeperFunction",
+    EventPublisherSettings: "EventPublisherFunction",
 }
 COMPLETE = {
     "SECRET_PREFIX": "mailbroker/",

@@ -16,12 +16,20 @@ from typing import TYPE_CHECKING, Any
 from mailbroker.settings import SecretsEnv, TokenCacheEnv, forget_settings, get_settings
 
 if TYPE_CHECKING:
+    from mailbroker.events import EventPublisher
     from mailbroker.governor import SendGovernor
     from mailbroker.health import HealthStore, SnsAlerts
     from mailbroker.integrations import IntegrationStore
     from mailbroker.messages.queue import MessageQueue, QueueActions
     from mailbroker.messages.status import MessageStatusStore
-    from mailbroker.settings import AlertsEnv, MessageTableEnv, SenderSettings, SendQueueEnv, TokenTableEnv
+    from mailbroker.settings import (
+        AlertsEnv,
+        EventBusEnv,
+        MessageTableEnv,
+        SenderSettings,
+        SendQueueEnv,
+        TokenTableEnv,
+    )
     from mailbroker.tokens.broker import TokenBroker
 
 
@@ -134,6 +142,13 @@ def alerts(settings: AlertsEnv) -> SnsAlerts:
     from mailbroker.health import SnsAlerts
 
     return SnsAlerts(aws_client("sns"), settings.alert_topic_arn)
+
+
+def event_publisher(settings: EventBusEnv) -> EventPublisher:
+    """Puts delivery events on the stack's bus."""
+    from mailbroker.events import EventPublisher
+
+    return EventPublisher(aws_client("events"), settings.event_bus_name)
 
 
 def reset() -> None:

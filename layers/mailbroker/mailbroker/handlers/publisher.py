@@ -13,13 +13,13 @@ from typing import Any
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 
 from mailbroker import runtime
-from mailbroker.events import EventPublisher, events_for_change
+from mailbroker.events import events_for_change
 from mailbroker.observability import logger, metrics
-from mailbroker.settings import Settings, get_settings
+from mailbroker.settings import EventPublisherSettings, get_settings
 
 
 def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    publisher = build_publisher(get_settings())
+    publisher = runtime.event_publisher(get_settings(EventPublisherSettings))
     processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
 
     def publish(record: Any) -> int:
@@ -40,7 +40,3 @@ def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
     metrics.add_metric(name="EventRecordsFailed", unit="Count", value=failed)
     metrics.add_metric(name="EventRecordsRead", unit="Count", value=len(event.get("Records", [])))
     return dict(answer)
-
-
-def build_publisher(settings: Settings) -> EventPublisher:
-    return EventPublisher(runtime.aws_client("events"), settings.event_bus_name)
