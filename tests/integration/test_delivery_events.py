@@ -19,21 +19,12 @@ from mailbroker.health import HealthError, HealthRecord, HealthStore
 from mailbroker.messages.status import MessageStatusStore
 
 from mailbroker_sandbox.aws import Stack, provision
+from mailbroker_sandbox.events import LambdaContext
 from mailbroker_sandbox.streams import EventInbox, StreamPoller
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_FIELDS = {"id", "integration", "status", "attempts", "at"}
 OPTIONAL_FIELDS = {"code", "hint", "reply", "accepted", "refused", "url"}
-
-
-class Context:
-    function_name = "EventPublisherFunction"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:EventPublisherFunction"
-    aws_request_id = "0e0e0e0e-0000-4000-8000-000000000001"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
 
 
 class Publisher:
@@ -50,7 +41,7 @@ class Publisher:
 
     def invoke(self, function: str, event: Any) -> Any:
         self.invocations += 1
-        return self.handler(event, Context())
+        return self.handler(event, LambdaContext(function_name="EventPublisherFunction", timeout_seconds=30))
 
 
 class EventsStack:
