@@ -128,3 +128,33 @@ def test_a_first_health_record_is_announced_only_when_it_is_unhealthy():
 
     assert [e.detail["status"] for e in events_for_change(unhealthy)] == ["unhealthy"]
     assert events_for_change(healthy) == []
+
+
+def test_each_open_and_click_of_tracked_mail_is_its_own_event_flagged_when_machine_like():
+    sent = {"status": {"S": "sent"}, "attempts": {"N": "1"}}
+    before = {**sent, "opens": {"N": "1"}, "machine_opens": {"N": "1"}, "last_opened_at": {"N": "1795780810"}}
+    opened = {**before, "opens": {"N": "2"}, "last_opened_at": {"N": "1795780900"}}
+    clicked = {
+        **opened,
+        "clicks": {"N": "1"},
+        "machine_clicks": {"N": "0"},
+        "last_clicked_at": {"N": "1795780910"},
+        "last_click_link": {"N": "3"},
+        "link#3": {"S": "https://shop.example/orders/8812"},
+    }
+
+    (open_event,) = events_for_change(status_change(before, opened))
+    (click_event,) = events_for_change(status_change(opened, clicked))
+
+    assert open_event.key == ("order-8812-confirmation", "Message Opened", 2)
+    assert (open_event.detail["status"], open_event.detail["machine"], open_event.detail["at"]) == (
+        "opened",
+        False,
+        "2026-11-27T12:01:40Z",
+    )
+    assert click_event.key == ("order-8812-confirmation", "Message Link Clicked", 1)
+    assert (click_event.detail["url"], click_event.detail["machine"]) == (
+        "https://shop.example/orders/8812",
+        False,
+    )
+    assert CONTRACT_FIELDS <= set(click_event.detail) <= CONTRACT_FIELDS | OPTIONAL_FIELDS | {"machine"}

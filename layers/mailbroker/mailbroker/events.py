@@ -12,12 +12,15 @@ DetailType                     the change
 ``Message Retrying``           a status record reaches ``retrying``, or its attempt count grows
 ``Message Failed``             a status record reaches ``failed``
 ``Message Delivery Uncertain`` it reaches ``failed`` with ``delivery_uncertain``
+``Message Opened``             a tracked message's open count grows
+``Message Link Clicked``       a tracked message's click count grows (``url``: the link's)
 ``Integration Health Changed`` a health record's ``healthy`` flips (a first record counts as a
                                change from healthy)
 =============================  ==============================================================
 
 ``Detail`` holds ``id``, ``integration``, ``status``, ``attempts``, ``at`` (ISO 8601) and, where
-they apply, ``code``, ``hint``, ``reply``, ``accepted``, ``refused`` and ``url``. It is built
+they apply, ``code``, ``hint``, ``reply``, ``accepted``, ``refused`` and ``url``, and for opens and
+clicks ``machine`` (likely a scanner or an image proxy: flagged, never dropped). It is built
 from named fields of the record only, so nothing else a record may hold (and never a credential
 or a message body, which no record holds) can reach an event.
 
@@ -100,6 +103,10 @@ def events_for_change(record: Mapping[str, Any]) -> list[DeliveryEvent]:
 
 
 def message_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[DeliveryEvent]:
+    return status_events(old, new) + engagement_events(old or {}, new)
+
+
+def status_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[DeliveryEvent]:
     detail_type = _status_event(new)
     if detail_type is None:
         return []
@@ -111,6 +118,31 @@ def message_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> lis
     if unchanged:
         return []
     return [DeliveryEvent(detail_type, _message_detail(new))]
+
+
+def engagement_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[DeliveryEvent]:
+    """An open or a click counted on a tracked message's record (``messages/engagement.py``).
+    ``attempts`` is the open's (or the message's click's) ordinal, so each one is its own event;
+    ``machine`` says whether it looked like a scanner or an image proxy."""
+    found = []
+    for count, machine, at, detail_type, status in (
+        ("opens", "machine_opens", "last_opened_at", MESSAGE_OPENED, "opened"),
+        ("clicks", "machine_clicks", "last_clicked_at", MESSAGE_LINK_CLICKED, "clicked"),
+    ):
+        if _int(new.get(count)) <= _int(old.get(count)):
+            continue
+        detail: dict[str, Any] = {
+            "id": str(new.get("id")),
+            "integration": new.get("integration"),
+            "status": status,
+            "attempts": _int(new.get(count)),
+            "at": _iso(_number(new.get(at))),
+            "machine": _int(new.get(machine)) > _int(old.get(machine)),
+        }
+        if detail_type == MESSAGE_LINK_CLICKED:
+            detail.update(_present(url=new.get(f"link#{_int(new.get('last_click_link'))}")))
+        found.append(DeliveryEvent(detail_type, detail))
+    return found
 
 
 def health_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[DeliveryEvent]:

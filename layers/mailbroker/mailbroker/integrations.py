@@ -93,6 +93,13 @@ class Limits(_Model):
     recipients_per_day: int | None = Field(default=None, ge=1)
 
 
+class Tracking(_Model):
+    """Open and click tracking of a message's HTML part: off unless asked for."""
+
+    opens: bool = False
+    clicks: bool = False
+
+
 def _https_url(value: str, field_name: str) -> str:
     parts = urlsplit(value)
     if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname or "")):
@@ -112,6 +119,8 @@ class _IntegrationBase(_Model):
     usage: list[str] = Field(default_factory=lambda: ["transactional"])
     limits: Limits = Field(default_factory=Limits)
     smtp_check: bool = False  # the keeper runs the live SMTP check for this integration
+    # The default of its messages' ``tracking``.
+    tracking: Tracking = Field(default_factory=Tracking)
 
     @property
     def uses_refresh_token(self) -> bool:

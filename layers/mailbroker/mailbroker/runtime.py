@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from mailbroker.governor import SendGovernor
     from mailbroker.health import HealthStore, SnsAlerts
     from mailbroker.integrations import IntegrationStore
+    from mailbroker.messages.engagement import EngagementStore
     from mailbroker.messages.queue import MessageQueue, QueueActions
     from mailbroker.messages.status import MessageStatusStore
+    from mailbroker.messages.tracking import LinkTracker, TrackingSigner
     from mailbroker.settings import (
         AlertsEnv,
         EventBusEnv,
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
         SenderSettings,
         SendQueueEnv,
         TokenTableEnv,
+        TrackingLinksEnv,
+        TrackingRoutesEnv,
     )
     from mailbroker.tokens.broker import TokenBroker
 
@@ -149,6 +153,33 @@ def event_publisher(settings: EventBusEnv) -> EventPublisher:
     from mailbroker.events import EventPublisher
 
     return EventPublisher(aws_client("events"), settings.event_bus_name)
+
+
+def link_tracker(settings: TrackingLinksEnv) -> LinkTracker | None:
+    """Signs tracked mail's links with the stack's HMAC key; None when the template gave none."""
+    from mailbroker.messages.tracking import LinkTracker, TrackingSigner
+
+    if not (settings.tracking_key_id and settings.tracking_base_url):
+        return None
+    return LinkTracker(
+        TrackingSigner(aws_client("kms"), settings.tracking_key_id), settings.tracking_base_url
+    )
+
+
+def tracking_signer(settings: TrackingRoutesEnv) -> TrackingSigner:
+    """Verifies the tokens of tracked links."""
+    from mailbroker.messages.tracking import TrackingSigner
+
+    return TrackingSigner(aws_client("kms"), settings.tracking_key_id)
+
+
+def engagement_store(settings: TrackingRoutesEnv) -> EngagementStore:
+    """Opens and clicks, counted on the status records."""
+    from mailbroker.messages.engagement import EngagementStore
+
+    return EngagementStore(
+        aws_client("dynamodb"), settings.message_table, too_soon_seconds=settings.tracking_machine_window
+    )
 
 
 def reset() -> None:

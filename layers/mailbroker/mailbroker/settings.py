@@ -146,6 +146,22 @@ class TokenApiEnv(EnvModel):
         return frozenset(p.strip() for p in self.token_api_principals.split(",") if p.strip())
 
 
+class TrackingLinksEnv(EnvModel):
+    """Open and click tracking, as the sender writes it: the KMS HMAC key that signs the links and
+    the public base URL they point at. Empty: the sender tracks nothing (and says so)."""
+
+    tracking_key_id: str = Field(default="", alias="TRACKING_KEY_ID")
+    tracking_base_url: str = Field(default="", alias="TRACKING_BASE_URL")
+
+
+class TrackingRoutesEnv(MessageTableEnv):
+    """Open and click tracking, as the tracking routes verify and count it."""
+
+    tracking_key_id: Name = Field(alias="TRACKING_KEY_ID")
+    # A hit this soon after the message was sent is taken for a scanner's at the receiving end.
+    tracking_machine_window: float = Field(default=10.0, alias="TRACKING_MACHINE_WINDOW_SECONDS", ge=0)
+
+
 class EventBusEnv(EnvModel):
     """The EventBridge bus that receives delivery events (the account's default bus by default)."""
 
@@ -159,7 +175,9 @@ class TokenBrokerSettings(SecretsEnv, TokenCacheEnv, MessageTableEnv, SendQueueE
     """The token broker: tokens by direct invoke, and the HTTP API (tokens, messages, health)."""
 
 
-class SenderSettings(SecretsEnv, TokenCacheEnv, MessageTableEnv, SendQueueEnv, DeadLetterEnv):
+class SenderSettings(
+    SecretsEnv, TokenCacheEnv, MessageTableEnv, SendQueueEnv, DeadLetterEnv, TrackingLinksEnv
+):
     """The sender: SQS batches in, SMTP out, status records and the dead-letter queue."""
 
 
@@ -171,11 +189,16 @@ class EventPublisherSettings(EventBusEnv):
     """The event publisher: the tables' streams in, delivery events on the bus."""
 
 
+class TrackingSettings(TrackingRoutesEnv):
+    """The tracking function: the open image and click redirects of tracked mail."""
+
+
 FUNCTION_SETTINGS: tuple[type[EnvModel], ...] = (
     TokenBrokerSettings,
     SenderSettings,
     KeeperSettings,
     EventPublisherSettings,
+    TrackingSettings,
 )
 
 

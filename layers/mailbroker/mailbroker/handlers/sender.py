@@ -47,4 +47,5 @@ def build_delivery(settings: SenderSettings, context: Any = None) -> Delivery:
         max_message_age_seconds=settings.max_message_age_hours * 3600,
         remaining_ms=remaining,
         lease_seconds=lease,
+        tracker=runtime.link_tracker(settings),
     )

@@ -84,6 +84,7 @@ class Delivery:
         sleep: Callable[[float], None] = time.sleep,
         max_inline_wait: float = DEFAULT_MAX_INLINE_WAIT,
         inline_wait_budget: float = DEFAULT_INLINE_WAIT_BUDGET,
+        tracker: Any = None,
     ) -> None:
         self.statuses = statuses
         self.queue = queue
@@ -92,6 +93,8 @@ class Delivery:
         self.max_message_age_seconds = max_message_age_seconds
         self.lease_seconds = lease_seconds
         self.holder = uuid.uuid4().hex
+        # Open and click tracking (messages/tracking.py's LinkTracker); None: never tracked.
+        self.tracker = tracker
         self._remaining_ms = remaining_ms
         self._min_remaining_ms = min_remaining_ms
         self._clock = clock
@@ -172,7 +175,7 @@ class Delivery:
         mail_from, rcpts = envelope(message)
         if self.governor is not None:
             self._take_message(integration, len(rcpts))
-        data = self._mime(message, item)
+        data = self._mime(self._tracked(message, integration), item)
 
         try:
             attempt.seen = self.statuses.start_sending(
@@ -271,6 +274,16 @@ class Delivery:
         needed = max(self._min_remaining_ms, int(integration.smtp.timeout_seconds * 1000))
         if self._remaining_ms() < needed:
             raise Deferred(1, "not enough time left in this invocation to send safely")
+
+    def _tracked(self, message: OutgoingMessage, integration: Any) -> OutgoingMessage:
+        if self.tracker is not None:
+            return self.tracker.apply(message, str(message.id), integration.tracking)
+        wanted = message.tracking or integration.tracking
+        if wanted.opens or wanted.clicks:
+            logger.warning(
+                "tracking asked for but not configured: sent untracked", extra={"message_id": message.id}
+            )
+        return message
 
     def _mime(self, message: OutgoingMessage, item: QueuedRecord) -> bytes:
         # Date is when the message was queued, so every attempt sends the same bytes.

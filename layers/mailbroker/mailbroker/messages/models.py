@@ -44,6 +44,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from mailbroker.errors import InvalidMessage, SenderNotAllowed
+from mailbroker.integrations import Tracking
 
 MAX_RAW_BYTES = 40 * 1024 * 1024  # the JSON itself: 25 MiB of attachments is ~34 MiB of base64
 MAX_ATTACHMENT_BYTES = 25 * 1024 * 1024  # decoded, all attachments together
@@ -288,6 +289,8 @@ class OutgoingMessage(_Model):
         default_factory=dict
     )
     attachments: Annotated[list[Attachment], Field(max_length=MAX_ATTACHMENTS)] = Field(default_factory=list)
+    # Open and click tracking; absent: the integration's default (itself off unless set).
+    tracking: Tracking | None = None
 
     @model_validator(mode="after")
     def _whole_message_rules(self) -> OutgoingMessage:

@@ -27,6 +27,7 @@ from typing import Any
 
 from mailbroker.dynamodb import Table, iso, num, number, text
 from mailbroker.errors import MailbrokerError
+from mailbroker.messages.engagement import engagement_of
 
 KEY_PREFIX = "msg#"
 STATUSES = ("queued", "sending", "sent", "retrying", "failed")
@@ -55,6 +56,8 @@ class MessageRecord:
     lease_owner: str | None = None
     lease_until: float = 0.0
     cycle_started_at: float = 0.0
+    # Opens and clicks of a tracked message (``messages/engagement.py``), as the API shows them.
+    engagement: dict[str, Any] = field(default_factory=dict)
 
     def is_live(self, now: float) -> bool:
         """Inside the idempotency window (DynamoDB may not have deleted an expired item yet)."""
@@ -81,6 +84,7 @@ class MessageRecord:
             body["reply"] = self.reply
         if self.refused:
             body["refused"] = list(self.refused)
+        body.update(self.engagement)
         return body
 
 
@@ -307,4 +311,5 @@ def _from_item(item: dict[str, Any]) -> MessageRecord:
         lease_owner=text(item, "lease_owner"),
         lease_until=number(item, "lease_until"),
         cycle_started_at=number(item, "cycle_started_at"),
+        engagement=engagement_of(item),
     )
