@@ -218,6 +218,8 @@ class Run:
                 )
             elif function == "keeper":
                 trigger = f"schedule {settings.get('schedule_expression')}"
+            elif function == "tracking":
+                trigger = "HTTP API " + ", ".join(path for _, path in settings["routes"]) + " (no IAM)"
             elif settings["streams"]:
                 trigger = "DynamoDB streams of " + ", ".join(
                     _table_of(stack, s["stream_arn"]) for s in settings["streams"]

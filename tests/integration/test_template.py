@@ -105,18 +105,20 @@ def test_function_env_parses_into_settings_that_point_at_the_stack(stack):
     assert settings.message_table == stack.table_names["MessageTable"]
     assert settings.send_queue_url == stack.queue_urls["SendQueue"]
     assert settings.dead_letter_queue_url == stack.queue_urls["DeadLetterQueue"]
-    assert settings.token_key_id == stack.key_id
+    assert settings.token_key_id == stack.resources["TokenKey"]
     assert settings.secret_prefix == "mailbroker/"
 
 
 def test_token_key_encrypts_data_keys_with_rotation_on(stack):
     kms = stack.client("kms")
 
-    data_key = kms.generate_data_key(KeyId=stack.key_id, KeySpec="AES_256")
-    plaintext = kms.decrypt(CiphertextBlob=data_key["CiphertextBlob"], KeyId=stack.key_id)["Plaintext"]
+    data_key = kms.generate_data_key(KeyId=stack.resources["TokenKey"], KeySpec="AES_256")
+    plaintext = kms.decrypt(CiphertextBlob=data_key["CiphertextBlob"], KeyId=stack.resources["TokenKey"])[
+        "Plaintext"
+    ]
 
     assert plaintext == data_key["Plaintext"]
-    assert kms.get_key_rotation_status(KeyId=stack.key_id)["KeyRotationEnabled"] is True
+    assert kms.get_key_rotation_status(KeyId=stack.resources["TokenKey"])["KeyRotationEnabled"] is True
 
 
 def test_parameters_override_the_templates_defaults(moto_server, template):

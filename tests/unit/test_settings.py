@@ -17,6 +17,7 @@ from mailbroker.settings import (
     SenderSettings,
     SettingsError,
     TokenBrokerSettings,
+    TrackingSettings,
 )
 
 from mailbroker_sandbox.aws import load_template
@@ -29,6 +30,7 @@ FUNCTION_IDS = {
     SenderSettings: "SenderFunction",
     KeeperSettings: "KeeperFunction",
     EventPublisherSettings: "EventPublisherFunction",
+    TrackingSettings: "TrackingFunction",
 }
 COMPLETE = {
     "SECRET_PREFIX": "mailbroker/",

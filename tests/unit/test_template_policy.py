@@ -33,6 +33,9 @@ DESIGN_ROUTES = {
 }
 
 
+TRACKING_ROUTES = {("GET", "/v1/t/o/{token}"), ("GET", "/v1/t/c/{token}")}
+
+
 def unconditional(statements: list[Any]) -> list[dict[str, Any]]:
     """Policy statements, with those under ``Fn::If`` taken from whichever branch holds one."""
     found: list[dict[str, Any]] = []
@@ -133,6 +136,7 @@ def test_handlers_live_where_the_design_puts_them():
         "functions/sender": "app.lambda_handler",
         "functions/keeper": "app.lambda_handler",
         "functions/event_publisher": "app.lambda_handler",
+        "functions/tracking": "app.lambda_handler",
     }
 
 
@@ -234,7 +238,7 @@ def test_http_api_authorises_every_route_with_iam_by_default():
     assert api["Properties"]["Auth"] == {"EnableIamAuthorizer": True, "DefaultAuthorizer": "AWS_IAM"}
 
 
-def test_every_design_route_is_on_the_iam_api_and_none_opts_out():
+def test_every_design_route_is_on_the_iam_api_and_only_the_tracking_routes_opt_out():
     (api_id,) = of_type("AWS::Serverless::HttpApi")
     routes = set()
     for function_id in FUNCTIONS:
@@ -242,9 +246,39 @@ def test_every_design_route_is_on_the_iam_api_and_none_opts_out():
             if event["Type"] in ("HttpApi", "Api"):
                 assert event["Type"] == "HttpApi"
                 assert event["Properties"]["ApiId"] == {"Ref": api_id}
-                assert "Auth" not in event["Properties"], "a route overrides the IAM authoriser"
-                routes.add((event["Properties"]["Method"], event["Properties"]["Path"]))
-    assert routes == DESIGN_ROUTES
+                route = (event["Properties"]["Method"], event["Properties"]["Path"])
+                if route in TRACKING_ROUTES:
+                    assert function_id == "TrackingFunction"
+                    assert event["Properties"]["Auth"] == {"Authorizer": "NONE"}
+                else:
+                    assert "Auth" not in event["Properties"], "a route overrides the IAM authoriser"
+                routes.add(route)
+    assert routes == DESIGN_ROUTES | TRACKING_ROUTES
+
+
+def test_the_unauthenticated_routes_are_throttled_and_in_no_client_policy():
+    (api,) = of_type("AWS::Serverless::HttpApi").values()
+    settings = api["Properties"]["RouteSettings"]
+    for method, path in TRACKING_ROUTES:
+        limits = settings[f"{method} {path}"]
+        assert (
+            limits["ThrottlingRateLimit"] < api["Properties"]["DefaultRouteSettings"]["ThrottlingRateLimit"]
+        )
+    for policy in ("TokenClientPolicy", "MessageClientPolicy"):
+        text = str(props(policy)["PolicyDocument"])
+        assert "/v1/t/" not in text and "GET/*" not in text
+
+
+def test_the_tracking_function_verifies_and_the_sender_signs_with_the_hmac_key_only():
+    key = props("TrackingKey")
+    assert (key["KeySpec"], key["KeyUsage"]) == ("HMAC_256", "GENERATE_VERIFY_MAC")
+    assert {"kms:VerifyMac", "dynamodb:GetItem", "dynamodb:UpdateItem"} <= allowed_actions("TrackingFunction")
+    assert not {"kms:GenerateMac", "kms:Decrypt", "dynamodb:PutItem", "secretsmanager:GetSecretValue"} & (
+        allowed_actions("TrackingFunction")
+    )
+    assert "kms:GenerateMac" in allowed_actions("SenderFunction")
+    for function_id in ("TokenBrokerFunction", "KeeperFunction", "EventPublisherFunction"):
+        assert not {"kms:GenerateMac", "kms:VerifyMac"} & allowed_actions(function_id)
 
 
 def test_http_api_writes_access_logs_with_retention():
@@ -322,7 +356,7 @@ def test_each_function_writes_only_to_its_own_log_group_with_retention():
 
 
 def test_the_key_is_rotated_and_named_in_its_policy_for_each_function_role():
-    (key,) = of_type("AWS::KMS::Key").values()
+    key = RESOURCES["TokenKey"]
     assert key["Properties"]["EnableKeyRotation"] is True
     statements = key["Properties"]["KeyPolicy"]["Statement"]
     (functions_use,) = [s for s in statements if s.get("Sid") == "FunctionsUse"]
@@ -331,7 +365,9 @@ def test_the_key_is_rotated_and_named_in_its_policy_for_each_function_role():
     (reads_streams,) = [s for s in statements if s.get("Sid") == "PublisherReadsStreams"]
     assert reads_streams["Action"] == "kms:Decrypt"
     named.add(ref_target(reads_streams["Principal"]["AWS"]))
-    assert named == {ref_target(props(function_id)["Role"]) for function_id in FUNCTIONS}
+    # The tracking function never handles a sealed token: the token key does not name it.
+    handlers = set(FUNCTIONS) - {"TrackingFunction"}
+    assert named == {ref_target(props(function_id)["Role"]) for function_id in handlers}
 
 
 # ------------------------------------------------------------------------------ tables
