@@ -19,7 +19,7 @@ PROVIDER_REPLIES = [
         "smtp_auth_disabled",
     ),
     (535, "5.7.8 Username and Password not accepted.", "auth", "smtp_auth_failed"),
-    (534, "5.7.9 Application-specific password required.", "auth", "smtp_auth_failed"),
+    (534, "5.7.9 Application-specific password required.", "auth", "basic_auth_disabled"),
     (
         554,
         "5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",

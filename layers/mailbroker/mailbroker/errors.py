@@ -114,6 +114,72 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "granted; Google needs 'https://mail.google.com/'.",
     ),
     ErrorKind(
+        "tenant_not_found",
+        False,
+        502,
+        "Entra ID has no tenant by the integration's tenant_id (AADSTS90002, 900023): set it to the "
+        "Directory (tenant) ID from the Entra admin center > Overview, or a verified domain of the "
+        "tenant.",
+    ),
+    ErrorKind(
+        "app_not_found",
+        False,
+        502,
+        "The provider knows no application with the integration's client id in that tenant or "
+        "project (AADSTS700016; Google: 'The OAuth client was not found'): check client_id and "
+        "tenant_id, and that an admin of the tenant consented to the app.",
+    ),
+    ErrorKind(
+        "consent_required",
+        False,
+        502,
+        "The app holds no grant for the mailbox: Microsoft — an admin grants Office 365 Exchange "
+        "Online > SMTP.SendAsApp at https://login.microsoftonline.com/<tenant>/adminconsent?client_id="
+        "<client id>; Google service account — Admin console > Security > API controls > Manage "
+        "Domain Wide Delegation, scope https://mail.google.com/.",
+    ),
+    ErrorKind(
+        "sign_in_blocked",
+        False,
+        502,
+        "The provider refused the sign-in by policy: Microsoft — security defaults or a Conditional "
+        "Access policy (Entra admin center > Identity > Overview > Properties > Manage security "
+        "defaults); Google — an unusual sign-in, cleared by signing in once in a browser.",
+    ),
+    ErrorKind(
+        "basic_auth_disabled",
+        False,
+        502,
+        "The server no longer accepts a password for SMTP AUTH: move the integration to OAuth "
+        "(provider 'microsoft' or 'google'; 'mailbroker setup microsoft <id>' or 'mailbroker consent "
+        "google <id>').",
+    ),
+    ErrorKind(
+        "smtp_not_authenticated",
+        False,
+        502,
+        "The server took the message as anonymous (530 5.7.57; Gmail 530 5.7.0): submit through the "
+        "provider's submission host (smtp.office365.com or smtp.gmail.com, port 587 STARTTLS), not "
+        "an MX host, with SMTP AUTH enabled for the mailbox.",
+    ),
+    ErrorKind(
+        "quota_exceeded",
+        True,
+        503,
+        "The mailbox reached the provider's sending quota (Gmail 550 5.4.5: 2,000 messages a day; "
+        "Exchange Online 5.1.90 / SubmissionQuotaExceededException: 10,000 recipients a day, 30 "
+        "messages a minute). Retried when the quota window allows, with the integration slowed "
+        "down; lower its limits or spread the mail over more mailboxes.",
+    ),
+    ErrorKind(
+        "account_blocked",
+        False,
+        502,
+        "The provider blocked the mailbox from sending (Exchange OutboundSpamException / 5.1.8 bad "
+        "outbound sender): secure the account, then release it in the Microsoft Defender portal > "
+        "Email & collaboration > Review > Restricted entities (Remove-BlockedSenderAddress).",
+    ),
+    ErrorKind(
         "smtp_auth_failed",
         False,
         502,
@@ -362,15 +428,33 @@ class SmtpFailure(MailbrokerError):
         reply: SmtpReply | None = None,
         stage: str = "",
         hint: str | None = None,
+        hint_template: str | None = None,
     ) -> None:
         super().__init__(message, code=code, hint=hint)
         self.reply = reply
         self.stage = stage
+        self._template = hint_template
+        if hint is None and hint_template is not None:
+            self.bind({})
+
+    @property
+    def hint_template(self) -> str | None:
+        return self._template
+
+    def bind(self, context: dict[str, str]) -> SmtpFailure:
+        """Name what the hint can name (mailbox, integration, client_id, tenant) from ``context``;
+        later calls add to what earlier ones named."""
+        from mailbroker.diagnosis import render_hint
+
+        if self._template is not None:
+            self._context = {**getattr(self, "_context", {}), **{k: v for k, v in context.items() if v}}
+            self._hint = render_hint(self._template, self._context)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         body = super().to_dict()
         if self.reply is not None:
-            body["reply"] = str(self.reply)
+            body["reply"] = scrub(str(self.reply))
         if self.stage:
             body["stage"] = self.stage
         return body
@@ -378,9 +462,7 @@ class SmtpFailure(MailbrokerError):
 
 # --- token endpoint answers -------------------------------------------------------------------
 
-# AADSTS codes that mean the client credential itself is wrong or expired.
-_AAD_INVALID_CLIENT = {7000215, 7000222, 700016, 700027, 7000112}
-_AAD_INVALID_SCOPE = {70011, 500011}
+_AADSTS = re.compile(r"\bAADSTS(\d{5,8})\b")
 
 
 def classify_token_error(
@@ -391,18 +473,19 @@ def classify_token_error(
     error_codes: list[int] | None = None,
     retry_after: float | None = None,
     provider: str = "",
+    context: dict[str, str] | None = None,
 ) -> TokenError:
     """Map a token endpoint answer (RFC 6749 §5.2 error, HTTP status, or a transport failure
-    given as ``status=None, error=None``) to a classified :class:`TokenError`."""
-    codes = set(error_codes or [])
-    desc = _scrub(description or "")
+    given as ``status=None, error=None``) to a classified :class:`TokenError`.
+
+    The provider's identifiers decide (``diagnosis.TOKEN_SIGNATURES``): AADSTS numbers from
+    ``error_codes`` or the description, Google's ``error`` and documented descriptions. ``context``
+    (integration, tenant, client_id, mailbox, authority) fills the hint's names."""
+    from mailbroker.diagnosis import match_token, render_hint
+
+    codes = set(error_codes or []) | {int(n) for n in _AADSTS.findall(description or "")}
+    desc = scrub(description or "")
     what = f"{provider} token endpoint".strip()
-    if error == "invalid_grant":
-        return TokenError(f"{what} answered invalid_grant: {desc}".rstrip(": "), code="token_invalid_grant")
-    if error in {"invalid_client", "unauthorized_client"} or codes & _AAD_INVALID_CLIENT:
-        return TokenError(f"{what} answered {error}: {desc}".rstrip(": "), code="token_invalid_client")
-    if error == "invalid_scope" or codes & _AAD_INVALID_SCOPE:
-        return TokenError(f"{what} answered {error}: {desc}".rstrip(": "), code="token_scope_invalid")
     if status == 429 or error in {"temporarily_unavailable", "slow_down"}:
         return TokenUnavailable(
             f"{what} is throttling (HTTP {status or 429}); retry after {retry_after or 'a while'} s",
@@ -410,67 +493,89 @@ def classify_token_error(
         )
     if status is None and error is None:
         return TokenUnavailable(f"{what} could not be reached: {desc}".rstrip(": "))
-    if status is not None and status >= 500:
+    if status is not None and status >= 500 and not codes:
         return TokenUnavailable(f"{what} failed with HTTP {status}", retry_after=retry_after)
+    signature = match_token(provider, error, codes, description or "")
+    told = f"{what} answered {error or f'HTTP {status}'}: {desc}".rstrip(": ")
+    if signature is not None:
+        known = dict(context or {})
+        if codes:
+            known.setdefault("aadsts", str(min(codes)))
+        hint = render_hint(signature.hint, known) if signature.hint else None
+        if signature.code == "token_unavailable":
+            return TokenUnavailable(told, retry_after=retry_after, hint=hint)
+        return TokenError(told, code=signature.code, hint=hint)
     if error:
         # An RFC 6749 error we do not know more about is a configuration problem, not transient.
-        return TokenError(f"{what} answered {error}: {desc}".rstrip(": "), code="token_invalid_client")
+        return TokenError(told, code="token_invalid_client")
     return TokenUnavailable(f"{what} answered HTTP {status} without a token", retry_after=retry_after)
 
 
-_SECRETISH = re.compile(
-    r"(?i)(eyJ[\w-]{10,}\.[\w-]+\.[\w-]*|ya29\.[\w.-]+|1//[\w-]{10,}|[A-Za-z0-9~_.-]{40,})"
+# --- redaction ------------------------------------------------------------------------------------
+
+# What can authenticate, by shape: a JWT (three base64url parts, the first a JSON header), Google's
+# access and refresh tokens, an XOAUTH2 initial response (base64 of "user=..."), an HTTP
+# Authorization value, and a long run mixing upper case, lower case and digits with no dots
+# (an opaque secret). Identifiers stay: Exchange's SendAsDeniedException.MapiExceptionSendAsDenied,
+# host names such as AM6PR0732BE0065.eurprd07.prod.outlook.com, GUIDs, trace and correlation ids.
+_CREDENTIAL_SHAPES = re.compile(
+    r"eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]*"
+    r"|ya29\.[\w.-]+"
+    r"|1//[\w-]{10,}"
+    r"|dXNlcj[A-Za-z0-9+/]{16,}={0,2}"
+    r"|(?i:\b(?:bearer|basic)\s+)[\w~+/.=-]{8,}"
+    r"|(?<![\w~+/=-])(?=[\w~+/=-]*[A-Z])(?=[\w~+/=-]*[a-z])(?=[\w~+/=-]*\d)[\w~+/=-]{32,}"
 )
+_KNOWN_SECRETS: dict[str, None] = {}
+_MAX_KNOWN_SECRETS = 512
 
 
-def _scrub(text: str) -> str:
-    """Drop anything token-shaped from provider prose before it enters a message."""
-    return _SECRETISH.sub("[redacted]", text)[:300]
+def remember_secret(value: str) -> None:
+    """Make ``value`` (a secret, password, token this process holds) redacted wherever it shows
+    up in an error. The newest 512 are kept."""
+    if len(value) < 8:
+        return
+    _KNOWN_SECRETS.pop(value, None)
+    _KNOWN_SECRETS[value] = None
+    while len(_KNOWN_SECRETS) > _MAX_KNOWN_SECRETS:
+        del _KNOWN_SECRETS[next(iter(_KNOWN_SECRETS))]
+
+
+def scrub(text: str, *, limit: int = 500) -> str:
+    """Provider prose made safe to keep: every known secret value and everything shaped like a
+    credential is replaced by ``[redacted]``; identifiers are kept."""
+    for secret in list(_KNOWN_SECRETS):
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
+    return _CREDENTIAL_SHAPES.sub("[redacted]", text)[:limit]
+
+
+_scrub = scrub
 
 
 # --- SMTP replies --------------------------------------------------------------------------------
 
-# (basic code or None, enhanced-code prefix or None, stage or None) -> error code. First match wins;
-# the order runs from the most specific to the least. Matching uses codes, never reply prose.
-_SMTP_TABLE: list[tuple[int | None, str | None, str | None, str]] = [
-    (535, "5.7.139", None, "smtp_auth_disabled"),
-    (535, "5.7.3", None, "smtp_auth_failed"),
-    (535, None, None, "smtp_auth_failed"),
-    (534, None, None, "smtp_auth_failed"),
-    (530, "5.7.0", "auth", "smtp_auth_failed"),
-    (554, "5.2.0", None, "send_as_denied"),
-    (432, "4.3.2", None, "throttled"),
-    (421, None, None, "throttled"),
-    (451, "4.7.", None, "throttled"),
-    (454, "4.7.0", None, "throttled"),
-    (450, "4.2.1", None, "throttled"),
-    (452, "4.5.3", "rcpt", "throttled"),
-    (552, None, None, "message_too_large"),
-    (None, "5.3.4", None, "message_too_large"),
-    (550, None, "rcpt", "recipient_rejected"),
-    (553, None, "rcpt", "recipient_rejected"),
-    (551, None, "rcpt", "recipient_rejected"),
-    (554, None, "rcpt", "recipient_rejected"),
-]
 
-
-def classify_smtp_reply(reply: SmtpReply, stage: str) -> SmtpFailure:
+def classify_smtp_reply(reply: SmtpReply, stage: str, context: dict[str, str] | None = None) -> SmtpFailure:
     """Classify an SMTP reply received at ``stage`` (greeting, ehlo, starttls, auth, mail, rcpt,
-    data, body, quit) into an :class:`SmtpFailure`."""
-    code = None
-    enhanced = reply.enhanced or ""
-    for basic, prefix, at_stage, error_code in _SMTP_TABLE:
-        if basic is not None and basic != reply.code:
-            continue
-        if prefix is not None and not enhanced.startswith(prefix):
-            continue
-        if at_stage is not None and at_stage != stage:
-            continue
-        code = error_code
-        break
-    if code is None:
+    data, body, quit) into an :class:`SmtpFailure`, by the provider's documented identifiers
+    (``diagnosis.SMTP_SIGNATURES``); else by its first digit."""
+    from mailbroker.diagnosis import match_smtp
+
+    signature = match_smtp(reply.code, reply.enhanced or "", stage, reply.text)
+    if signature is None:
         code = "smtp_transient" if 400 <= reply.code < 500 else "smtp_permanent"
-    return SmtpFailure(f"{stage}: {_scrub(str(reply))}", code=code, reply=reply, stage=stage)
+        template = None
+        retry_after = None
+    else:
+        code, template, retry_after = signature.code, signature.hint, signature.retry_after
+    failure = SmtpFailure(
+        f"{stage}: {scrub(str(reply))}", code=code, reply=reply, stage=stage, hint_template=template
+    )
+    failure.retry_after = retry_after
+    if context:
+        failure.bind(context)
+    return failure
 
 
 def smtp_connection_failure(stage: str, exc: BaseException, *, after_body: bool = False) -> SmtpFailure:
@@ -493,7 +598,7 @@ def smtp_connection_failure(stage: str, exc: BaseException, *, after_body: bool 
             f"{stage}: TLS failed: {exc.reason or type(exc).__name__}", code="tls_failed", stage=stage
         )
     return SmtpFailure(
-        f"{stage}: {type(exc).__name__}: {_scrub(str(exc))}".rstrip(": "), code="smtp_transient", stage=stage
+        f"{stage}: {type(exc).__name__}: {scrub(str(exc))}".rstrip(": "), code="smtp_transient", stage=stage
     )
 
 

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from mailbroker.errors import InvalidIntegration, UnknownIntegration
+from mailbroker.errors import InvalidIntegration, UnknownIntegration, remember_secret
 
 DEFAULT_MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
@@ -256,12 +256,41 @@ def parse_integration(data: Any, *, expected_id: str | None = None) -> Any:
         problems = field_errors(exc)
         summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
         raise InvalidIntegration(f"integration is invalid: {summary}", details=problems) from None
+    _remember_secrets(integration)
     if expected_id is not None and integration.id != expected_id:
         raise InvalidIntegration(
             f"secret for {expected_id!r} holds id {integration.id!r}",
             details=[{"field": "id", "problem": "does not match the secret name"}],
         )
     return integration
+
+
+def context_of(integration: Any) -> dict[str, str]:
+    """What a hint may name about an integration: never a secret."""
+    context = {
+        "integration": str(getattr(integration, "id", "") or ""),
+        "mailbox": str(getattr(integration, "username", "") or ""),
+        "tenant": str(getattr(integration, "tenant_id", "") or ""),
+        "authority": str(getattr(integration, "authority", "") or ""),
+        "client_id": str(getattr(integration, "client_id", "") or ""),
+    }
+    if isinstance(integration, GoogleServiceAccountIntegration):
+        info = integration.service_account_info
+        context["client_id"] = str(getattr(info, "client_id", "") or info.client_email)
+        context["mailbox"] = integration.subject
+    return context
+
+
+def _remember_secrets(value: Any) -> None:
+    """Every secret field of the integration is redacted from any error text from now on."""
+    if isinstance(value, SecretStr):
+        remember_secret(value.get_secret_value())
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            _remember_secrets(getattr(value, name))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _remember_secrets(item)
 
 
 class IntegrationStore:

@@ -35,10 +35,12 @@ from typing import Any
 
 from mailbroker.errors import InvalidMessage, MailbrokerError, SmtpFailure
 from mailbroker.governor import GovernorDelay
+from mailbroker.integrations import context_of
 from mailbroker.messages.mime import build_mime, envelope
 from mailbroker.messages.models import OutgoingMessage, check_allowed, parse_message
 from mailbroker.messages.queue import QueueActions
 from mailbroker.messages.received import (
+    SLOWS_DOWN,
     Attempt,
     Deferred,
     Outcomes,
@@ -139,6 +141,8 @@ class Delivery:
             reason = f"the integration's {delay.reason} limit is reached"
             return self.outcomes.put_back(item, attempt, delay.retry_after, reason, "throttled")
         except MailbrokerError as exc:
+            if isinstance(exc, SmtpFailure) and attempt.context:
+                exc.bind(attempt.context)
             if exc.retryable:
                 return self.outcomes.retry(item, attempt, exc)
             return self.outcomes.give_up(item, attempt, exc)
@@ -169,6 +173,7 @@ class Delivery:
             return "duplicate"
 
         integration = self.integrations.get(message.integration)
+        attempt.context = context_of(integration)
         check_allowed(message, integration)
         self._check_time_left(integration)
         session = self.sessions.session_for(integration)
@@ -198,7 +203,7 @@ class Delivery:
         except SmtpFailure as exc:
             # The session reconnects by itself after a dropped connection; a throttled server is
             # left alone by the rest of the batch.
-            if exc.code == "throttled":
+            if exc.code in SLOWS_DOWN:
                 self.sessions.hold_off(integration.id, exc)
             raise
         finally:

@@ -38,6 +38,8 @@ from mailbroker.observability import integration_metric, logger
 
 # A message that cannot go to the dead-letter queue stays on the send queue this long.
 DEAD_LETTER_RETRY_SECONDS = 60
+# Failures after which the integration's pace is slowed and the rest of the batch waits.
+SLOWS_DOWN = frozenset({"throttled", "quota_exceeded"})
 _ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 _DECLARED = r'"{name}"\s*:\s*"([\x21\x23-\x5b\x5d-\x7e]{{1,256}})"'
 
@@ -118,6 +120,7 @@ class Attempt:
     seen: MessageRecord | None = None  # the record as this attempt last read or wrote it
     before: MessageRecord | None = None  # the record as it was when this attempt began
     loaded: bool = False  # the status record was read (``seen`` is meaningful)
+    context: dict[str, str] | None = None  # what a hint may name about the integration
 
 
 class Outcomes:
@@ -167,7 +170,7 @@ class Outcomes:
 
         delay = retry_delay(attempts, retry_after=error.retry_after, uniform=self._uniform)
         integration_id = attempt.integration_id or "unknown"
-        if error.code == "throttled" and self.governor is not None and attempt.integration_id:
+        if error.code in SLOWS_DOWN and self.governor is not None and attempt.integration_id:
             try:
                 self.governor.slow_down(attempt.integration_id, seconds=delay)
             except MailbrokerError:

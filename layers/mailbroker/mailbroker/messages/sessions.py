@@ -16,7 +16,7 @@ from typing import Any
 
 from mailbroker.errors import MailbrokerError
 from mailbroker.integrations import BasicIntegration
-from mailbroker.messages.received import Deferred
+from mailbroker.messages.received import SLOWS_DOWN, Deferred
 from mailbroker.observability import integration_metric, logger
 
 # A claimed id or connection slot whose sender shows no sign of life for this long is taken for
@@ -107,7 +107,7 @@ class SessionPool:
         except BaseException as exc:
             self._release(slot)
             if isinstance(exc, MailbrokerError):
-                if exc.code == "throttled":
+                if exc.code in SLOWS_DOWN:
                     self.hold_off(integration.id, exc)
                 elif exc.code != "aws_unavailable":
                     self._broken[integration.id] = exc

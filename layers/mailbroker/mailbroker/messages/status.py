@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mailbroker.dynamodb import Table, iso, num, number, text
-from mailbroker.errors import MailbrokerError
+from mailbroker.errors import MailbrokerError, scrub
 from mailbroker.messages.engagement import engagement_of
 
 KEY_PREFIX = "msg#"
@@ -95,7 +95,7 @@ def error_record(error: MailbrokerError) -> dict[str, Any]:
         record["details"] = error.details
     reply = getattr(error, "reply", None)
     if reply is not None:
-        record["reply"] = str(reply)
+        record["reply"] = scrub(str(reply))
     stage = getattr(error, "stage", "")
     if stage:
         record["stage"] = stage

@@ -191,7 +191,10 @@ class SmtpSession:
 
     def open(self) -> None:
         """Connect, EHLO, STARTTLS (or implicit TLS), EHLO, AUTH."""
-        self._open([])
+        try:
+            self._open([])
+        except SmtpFailure as exc:
+            raise exc.bind({"mailbox": self.username}) from exc.__cause__
 
     def _open(self, steps: list[CheckStep]) -> None:
         self.close()
@@ -367,6 +370,12 @@ class SmtpSession:
         """One mail transaction. Returns the server's final reply with the accepted and refused
         recipients, or raises a classified ``SmtpFailure`` (``recipient_rejected`` when every
         recipient was refused; ``delivery_uncertain`` when the connection dropped after the body)."""
+        try:
+            return self._send(mail_from, rcpts, data, smtputf8=smtputf8)
+        except SmtpFailure as exc:
+            raise exc.bind({"mailbox": self.username}) from exc.__cause__
+
+    def _send(self, mail_from: str, rcpts: list[str], data: bytes, *, smtputf8: bool) -> SendResult:
         _check_envelope(mail_from, rcpts, smtputf8)
         data = _LINE_ENDINGS.sub(b"\r\n", data)
         if self.is_open and peer_has_spoken(self._client):  # type: ignore[arg-type]
@@ -448,6 +457,8 @@ class SmtpSession:
         try:
             self._open(steps)
         except MailbrokerError as exc:
+            if isinstance(exc, SmtpFailure):
+                exc.bind({"mailbox": self.username})
             name = CHECK_STEPS[len(steps)] if len(steps) < len(CHECK_STEPS) else "auth"
             steps.append(CheckStep(name, False, exc.message, exc.code, exc.hint))
             return steps
@@ -506,4 +517,6 @@ def _auth_failure(rejected: AuthRejected, *, refreshed: bool) -> SmtpFailure:
         message += f" (provider diagnosis: {said})"
     if refreshed:
         message += " (refused again with a freshly issued token)"
-    return SmtpFailure(message, code=failure.code, reply=rejected.reply, stage="auth")
+    return SmtpFailure(
+        message, code=failure.code, reply=rejected.reply, stage="auth", hint_template=failure.hint_template
+    )

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mailbroker.errors import remember_secret
+
 Source = Literal["memory", "cache", "provider"]
 
 
@@ -18,6 +20,9 @@ class IssuedToken:
     expires_in: float
     token_type: str = "Bearer"  # noqa: S105 (a scheme name)
 
+    def __post_init__(self) -> None:
+        remember_secret(self.access_token)
+
 
 @dataclass(frozen=True)
 class CachedToken:
@@ -27,6 +32,9 @@ class CachedToken:
     issued_at: float
     expires_at: float
     version: int = 0
+
+    def __post_init__(self) -> None:
+        remember_secret(self.access_token)
 
     @property
     def lifetime(self) -> float:

@@ -27,6 +27,7 @@ from mailbroker.integrations import (
     GoogleServiceAccountIntegration,
     MicrosoftIntegration,
     OAuth2Integration,
+    context_of,
     is_forbidden_address,
 )
 from mailbroker.tokens.model import CredentialIdentity, IssuedToken, fingerprint
@@ -97,11 +98,13 @@ class _TimeoutSession(requests.Session):
         kwargs["timeout"] = min(given, self._timeout) if isinstance(given, int | float) else self._timeout
         self._seen.status = None
         self._seen.retry_after = None
+        self._seen.error = None
         return super().request(method, url, *args, **kwargs)
 
     def _remember(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
         self._seen.status = response.status_code
         self._seen.retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+        self._seen.error = _error_body(response) if response.status_code >= 400 else None
 
     @property
     def last_status(self) -> int | None:
@@ -110,6 +113,27 @@ class _TimeoutSession(requests.Session):
     @property
     def last_retry_after(self) -> float | None:
         return getattr(self._seen, "retry_after", None)
+
+    @property
+    def last_error(self) -> dict[str, Any]:
+        """The RFC 6749 error body of the last answer, if it was an error with one (MSAL turns a
+        failed OIDC discovery into a bare ``ValueError``: the Entra error is only here)."""
+        return getattr(self._seen, "error", None) or {}
+
+
+def _error_body(response: requests.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+        return None
+    codes = body.get("error_codes")
+    return {
+        "error": body["error"],
+        "error_description": str(body.get("error_description") or ""),
+        "error_codes": [c for c in codes if isinstance(c, int)] if isinstance(codes, list) else [],
+    }
 
 
 def _refuse_forbidden_host(url: str) -> None:
@@ -198,7 +222,21 @@ class TokenProviders:
             # The broker decides when a token is due; MSAL's own cache must not answer instead.
             app.remove_tokens_for_client()
             result = app.acquire_token_for_client(scopes=[integration.scope])
-        except (requests.RequestException, ValueError, OSError) as exc:
+        except ValueError as exc:
+            # MSAL's OIDC discovery failed: a 4xx with an Entra error (AADSTS90002, a tenant that
+            # does not exist) is configuration; anything else is a transport failure.
+            seen = self._session.last_error
+            if seen:
+                raise classify_token_error(
+                    status=self._session.last_status,
+                    error=seen["error"],
+                    description=seen["error_description"],
+                    error_codes=seen["error_codes"],
+                    provider="microsoft",
+                    context=context_of(integration),
+                ) from None
+            raise self._transport_error(exc, "microsoft") from None
+        except (requests.RequestException, OSError) as exc:
             raise self._transport_error(exc, "microsoft") from None
         except Exception as exc:
             from msal.exceptions import MsalServiceError
@@ -220,6 +258,7 @@ class TokenProviders:
             error_codes=result.get("error_codes"),
             retry_after=self._session.last_retry_after,
             provider="microsoft",
+            context=context_of(integration),
         )
 
     # --- Google: refresh token and service account (google-auth) ------------------------------
@@ -234,7 +273,7 @@ class TokenProviders:
             client_id=integration.client_id,
             client_secret=integration.client_secret.get_secret_value(),
         )
-        return self._refresh_google(creds, "google")
+        return self._refresh_google(creds, "google", integration)
 
     def _google_service_account(self, integration: GoogleServiceAccountIntegration) -> IssuedToken:
         from google.oauth2 import service_account
@@ -249,9 +288,9 @@ class TokenProviders:
             raise TokenError(
                 "service_account_info is not a usable service account key", code="token_invalid_client"
             ) from None
-        return self._refresh_google(creds, "google_service_account")
+        return self._refresh_google(creds, "google_service_account", integration)
 
-    def _refresh_google(self, creds: Any, provider: str) -> IssuedToken:
+    def _refresh_google(self, creds: Any, provider: str, integration: Any) -> IssuedToken:
         import time
 
         from google.auth import exceptions
@@ -267,6 +306,7 @@ class TokenProviders:
                 description=data.get("error_description"),
                 retry_after=self._session.last_retry_after,
                 provider=provider,
+                context=context_of(integration),
             ) from None
         except (exceptions.TransportError, requests.RequestException, OSError) as exc:
             raise self._transport_error(exc, provider) from None
@@ -299,6 +339,7 @@ class TokenProviders:
             description=result.get("error_description"),
             retry_after=self._session.last_retry_after,
             provider="oauth2",
+            context=context_of(integration),
         )
 
     def _transport_error(self, exc: BaseException, provider: str) -> TokenError:
