@@ -59,6 +59,12 @@ DEFAULT_CONSENT_USER = "sandbox.user@example.com"
 _MS_DISCOVERY = re.compile(r"/(?P<tenant>[^/]+)/v2\.0/\.well-known/openid-configuration")
 _MS_KEYS = re.compile(r"/(?P<tenant>[^/]+)/discovery/v2\.0/keys")
 _MS_TOKEN = re.compile(r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token")
+# What Entra looks a tenant up by: a GUID, or a domain name; the sandbox's own registered names
+# ("contoso") are looked up before this is consulted.
+_TENANT_NAME = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"|(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}"
+)
 _PKCE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 
 _MAX_BODY = 64 * 1024
@@ -148,6 +154,17 @@ class _Fault:
     retry_after: int
     delay: float
     path_contains: str | None
+    answer: _Answer | None = None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A provider's error answer, as a test gives it (``TokenServer.refuse_next``)."""
+
+    status: int
+    error: str
+    description: str
+    aadsts: int | None = None
 
 
 # --- HTTP plumbing -----------------------------------------------------------------------------------
@@ -591,6 +608,28 @@ class TokenServer:
         with self._lock:
             self._faults.append(_Fault(kind, times, retry_after, delay, path_contains))
 
+    def refuse_next(
+        self,
+        status: int,
+        error: str,
+        description: str,
+        *,
+        aadsts: int | None = None,
+        times: int = 1,
+        path_contains: str | None = None,
+    ) -> None:
+        """Answer the next ``times`` token requests (whose path contains ``path_contains``) with a
+        provider's own error: ``status`` and the RFC 6749 ``error`` and ``error_description``. On the
+        Microsoft endpoints, ``aadsts`` makes it Entra's shape (``AADSTS<n>: `` before the
+        description, ``error_codes``, trace and correlation ids)."""
+        if not 400 <= status <= 599:
+            raise ValueError("an error answer's status must be 4xx or 5xx")
+        if times < 1:
+            raise ValueError("times must be at least 1")
+        answer = _Answer(status, error, description, aadsts)
+        with self._lock:
+            self._faults.append(_Fault("answer", times, 0, 0.0, path_contains, answer))
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -654,6 +693,11 @@ class TokenServer:
         return _Reply(400, {"error": "invalid_request", "error_description": text})
 
     def _fault_reply(self, fault: _Fault, provider: str, req: _Request) -> _Reply:
+        if fault.answer is not None:
+            answer = fault.answer
+            if provider == "microsoft" and answer.aadsts is not None:
+                return self._ms_error(answer.status, answer.error, answer.aadsts, answer.description, req)
+            return _Reply(answer.status, {"error": answer.error, "error_description": answer.description})
         if fault.kind == "timeout":
             return _Reply(0, drop_after=fault.delay)
         if fault.kind == "500":
@@ -761,6 +805,16 @@ class TokenServer:
             return self._ms_tenants.get(tenant.lower())
 
     def _ms_unknown_tenant(self, tenant: str, req: _Request | None, error: str = "invalid_request") -> _Reply:
+        if not _TENANT_NAME.fullmatch(tenant):
+            # Neither a GUID nor a domain name: Entra says so instead of "not found".
+            return self._ms_error(
+                400,
+                error,
+                900023,
+                f"Specified tenant identifier '{tenant}' is neither a valid DirectoryName nor a valid "
+                "external domain.",
+                req,
+            )
         return self._ms_error(
             400,
             error,
