@@ -68,7 +68,8 @@ def test_make_run_shows_deliveries_with_server_replies_and_the_failure_with_code
         assert re.search(rf"{message}\s+\S+\s+sent\s+1\s+250 2\.0\.0 OK <", out), message
     assert re.search(r"alert-disk\s+relay-basic\s+sent\s+2\s+250 2\.0\.0 OK", out)  # throttled once
     assert "invoice-2211 failed for good: send_as_denied" in out
-    assert "hint: The mailbox may not send as this 'from' address" in out
+    hint = r"hint: The mailbox \S+ may not send as this 'from' address.*Add-RecipientPermission"
+    assert re.search(hint, out)
     assert "dead-letter queue: 1 message(s)" in out
 
 
