@@ -9,16 +9,18 @@ import argparse
 import calendar
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mailbroker.errors import MailbrokerError, classify_exception, classify_token_error
 from mailbroker.integrations import (
+    DEFAULT_MICROSOFT_SCOPE,
     GOOGLE_MAIL_SCOPE,
     BasicIntegration,
     GoogleIntegration,
     GoogleServiceAccountIntegration,
     MicrosoftIntegration,
+    context_of,
 )
 
 from mailbroker_cli.context import Context
@@ -33,6 +35,12 @@ EXCHANGE_AUDIENCES = frozenset(
     }
 )
 SEND_AS_APP = "SMTP.SendAsApp"
+MAIL_SEND = "Mail.Send"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+# Google's refresh tokens of a consent screen in Testing last 7 days.
+TESTING_REFRESH_LIFETIME = 7 * 86400
+# A credential ending within this is flagged (the keeper's warning window).
+EXPIRY_WINDOW = 30 * 86400
 # Steps that depend on the one before; the token's claim checks do not stop the SMTP steps.
 SKIPPABLE = ("secret", "token", "connect", "tls", "ehlo", "auth", "quit")
 
@@ -110,35 +118,55 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
         f"{integration.provider} integration for {integration.username} "
         f"(secret {ctx.integrations.secret_name(integration_id)})",
     )
+    yield from expiry_steps(integration, time.time())
     token: str | None = None
     if isinstance(integration, BasicIntegration):
         yield Step("token", True, "basic authentication (AUTH PLAIN/LOGIN): no token needed")
     else:
         try:
-            token, lifetime, granted = fetch_fresh_token(integration, ctx.settings.http_timeout)
+            fresh = fetch_fresh_token(integration, ctx.settings.http_timeout)
         except Exception as exc:
             error = classify_exception(exc)
             yield Step("token", False, error.message, error.code, error.hint)
             yield from _skipped("token")
             return
-        yield Step("token", True, f"access token issued by the provider, valid for {int(lifetime)} s")
-        yield from claim_steps(integration, token, granted)
-    yield from smtp_steps(integration, token)
+        token = fresh.token
+        yield Step("token", True, f"access token issued by the provider, valid for {int(fresh.lifetime)} s")
+        yield from claim_steps(integration, token, fresh.granted)
+        yield from consent_screen_steps(integration, fresh)
+        if isinstance(integration, MicrosoftIntegration):
+            yield from graph_permission_steps(integration, token, ctx.settings.http_timeout)
+    smtp = list(smtp_steps(integration, token))
+    yield from smtp
+    if token is not None and isinstance(integration, MicrosoftIntegration):
+        yield from service_principal_steps(integration, token, smtp)
 
 
-def fetch_fresh_token(integration: Any, http_timeout: float) -> tuple[str, float, list[str] | None]:
-    """(token, lifetime, scopes the provider says it granted, if it says) straight from the provider."""
+@dataclass(frozen=True)
+class FreshToken:
+    """A token straight from the provider, with what its answer said about the grant."""
+
+    token: str = field(repr=False)
+    lifetime: float
+    granted: list[str] | None = None  # scopes the provider says it granted, if it says
+    refresh_token_expires_in: float | None = None  # Google: set when the refresh token expires
+
+
+def fetch_fresh_token(integration: Any, http_timeout: float) -> FreshToken:
+    """A token straight from the provider, bypassing every cache."""
     if isinstance(integration, GoogleIntegration):
         return _google_token(integration, http_timeout)
     from mailbroker.tokens.providers import TokenProviders
 
     issued = TokenProviders(http_timeout=http_timeout).fetch(integration)
-    return issued.access_token, issued.expires_in, None
+    return FreshToken(issued.access_token, issued.expires_in)
 
 
-def _google_token(integration: GoogleIntegration, http_timeout: float) -> tuple[str, float, list[str]]:
+def _google_token(integration: GoogleIntegration, http_timeout: float) -> FreshToken:
     """A refresh asking for the integration's scope: Google answers invalid_scope when the user did
-    not grant it, and names the scopes it did grant."""
+    not grant it, and names the scopes it did grant. A client whose consent screen is in 'Testing'
+    gets refresh tokens that expire after 7 days, and the answer says so
+    (``refresh_token_expires_in``)."""
     import requests
     from google.auth import exceptions
     from google.auth.transport.requests import Request
@@ -154,6 +182,8 @@ def _google_token(integration: GoogleIntegration, http_timeout: float) -> tuple[
     )
     session = requests.Session()
     session.request = _with_timeout(session.request, http_timeout)  # type: ignore[method-assign]
+    seen: dict[str, float] = {}
+    session.hooks["response"].append(lambda response, *a, **k: _refresh_expiry(response, seen))
     try:
         creds.refresh(Request(session=session))
     except exceptions.RefreshError as exc:
@@ -162,12 +192,27 @@ def _google_token(integration: GoogleIntegration, http_timeout: float) -> tuple[
             error=data.get("error") or "server_error",
             description=data.get("error_description"),
             provider="google",
+            context=context_of(integration),
         ) from None
     except (exceptions.TransportError, requests.RequestException, OSError) as exc:
         raise classify_token_error(description=type(exc).__name__, provider="google") from None
     # google-auth keeps the expiry as a naive UTC datetime.
     lifetime = calendar.timegm(creds.expiry.timetuple()) - time.time() if creds.expiry else 3600.0
-    return str(creds.token), lifetime, list(creds.granted_scopes or [])
+    return FreshToken(
+        str(creds.token), lifetime, list(creds.granted_scopes or []), seen.get("refresh_token_expires_in")
+    )
+
+
+def _refresh_expiry(response: Any, seen: dict[str, float]) -> None:
+    """Note ``refresh_token_expires_in`` of a successful token answer (google-auth drops it)."""
+    if response.status_code != 200:
+        return
+    try:
+        value = response.json().get("refresh_token_expires_in")
+    except (ValueError, AttributeError):
+        return
+    if isinstance(value, int | float):
+        seen["refresh_token_expires_in"] = float(value)
 
 
 def _with_timeout(request: Any, timeout: float) -> Any:
@@ -250,6 +295,14 @@ def _microsoft_claims(integration: MicrosoftIntegration, token: str) -> Iterator
     roles = [str(role) for role in claims.get("roles") or []]
     if SEND_AS_APP in roles:
         yield Step("role", True, f"roles include {SEND_AS_APP}")
+    elif MAIL_SEND in roles:
+        yield Step(
+            "role",
+            False,
+            f"the token has {MAIL_SEND} but no {SEND_AS_APP} role",
+            "token_scope_invalid",
+            _graph_instead_of_smtp_hint(integration),
+        )
     else:
         yield Step(
             "role",
@@ -274,6 +327,156 @@ def _microsoft_claims(integration: MicrosoftIntegration, token: str) -> Iterator
             "The app authenticated in another tenant: set tenant_id to the mailbox's tenant (Entra "
             "admin center > Overview > Tenant ID).",
         )
+
+
+def _graph_instead_of_smtp_hint(integration: MicrosoftIntegration) -> str:
+    return (
+        f"{MAIL_SEND} lets an app send through Microsoft Graph, not SMTP: SMTP AUTH needs the "
+        f"application permission Office 365 Exchange Online > {SEND_AS_APP} (App registrations > "
+        f"{integration.client_id} > API permissions > Add a permission > APIs my organization uses > "
+        f"Office 365 Exchange Online > Application permissions), then admin consent at "
+        f"{integration.authority}/{integration.tenant_id}/adminconsent?client_id={integration.client_id}."
+    )
+
+
+def graph_permission_steps(
+    integration: MicrosoftIntegration, token: str, http_timeout: float
+) -> Iterator[Step]:
+    """When the Exchange token carries no role at all, whether the app was given Graph's Mail.Send
+    instead: a token for Microsoft Graph says (the common mix-up of the seeds)."""
+    if _roles(token) or integration.scope != DEFAULT_MICROSOFT_SCOPE:
+        return
+    from mailbroker.tokens.providers import TokenProviders
+
+    graph = integration.model_copy(update={"scope": GRAPH_SCOPE})
+    try:
+        graph_token = TokenProviders(http_timeout=http_timeout).fetch(graph).access_token
+    except MailbrokerError:
+        return  # no Graph grant either: the role step already says what to add
+    if MAIL_SEND in _roles(graph_token):
+        yield Step(
+            "graph",
+            False,
+            f"the app holds Microsoft Graph {MAIL_SEND}, which SMTP does not use",
+            "token_scope_invalid",
+            _graph_instead_of_smtp_hint(integration),
+        )
+
+
+def _roles(token: str) -> list[str]:
+    import jwt
+
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return []
+    return [str(role) for role in claims.get("roles") or []]
+
+
+def service_principal_steps(
+    integration: MicrosoftIntegration, token: str, smtp: list[Step]
+) -> Iterator[Step]:
+    """After a 535 5.7.3 to a token that has the right audience and role, the likely cause is the
+    Exchange service principal: registered with the App registration's Object ID instead of the
+    Enterprise application's. The token's ``oid`` is the right one; name it."""
+    auth = next((step for step in smtp if step.name == "auth"), None)
+    if (
+        auth is None
+        or auth.ok is not False
+        or auth.code != "smtp_auth_failed"
+        or SEND_AS_APP not in _roles(token)
+    ):
+        return
+    import jwt
+
+    oid = str(jwt.decode(token, options={"verify_signature": False}).get("oid", "")) or "<oid>"
+    yield Step(
+        "principal",
+        False,
+        f"Exchange refused a valid {SEND_AS_APP} token; the app's Enterprise application Object ID is {oid}",
+        "smtp_auth_failed",
+        "Exchange must know the app's service principal by the Enterprise application's Object ID "
+        f"({oid}, the token's oid), not the Object ID shown under App registrations: "
+        f"New-ServicePrincipal -AppId {integration.client_id} -ObjectId {oid}, then "
+        f"Add-MailboxPermission -Identity {integration.username} -User {oid} -AccessRights FullAccess "
+        "(Remove-ServicePrincipal the one registered with the wrong id).",
+    )
+
+
+def consent_screen_steps(integration: Any, fresh: FreshToken) -> Iterator[Step]:
+    """Google: a refresh token that expires within 7 days comes from a consent screen in Testing."""
+    left = fresh.refresh_token_expires_in
+    if not isinstance(integration, GoogleIntegration) or left is None:
+        return
+    if left > TESTING_REFRESH_LIFETIME:
+        yield Step("consent", True, f"the refresh token expires in {int(left // 86400)} days")
+        return
+    yield Step(
+        "consent",
+        False,
+        f"the refresh token expires in {left / 86400:.1f} days: the OAuth consent screen is in 'Testing'",
+        "token_invalid_grant",
+        "Google ends refresh tokens of apps in 'Testing' after 7 days and mail stops then: publish the "
+        "app (Google Cloud console > APIs & Services > OAuth consent screen > Publish app), then "
+        f"consent again so the new token has no end date: 'mailbroker consent google {integration.id}'.",
+    )
+
+
+def expiry_steps(integration: Any, now: float) -> Iterator[Step]:
+    """A Microsoft client secret (client_secret_expires_at) or certificate that ends within 30 days."""
+    if not isinstance(integration, MicrosoftIntegration):
+        return
+    ends = _certificate_end(integration)
+    what = "client certificate"
+    if ends is None:
+        ends, what = _secret_end(integration), "client secret"
+    if ends is None:
+        yield Step(
+            "expiry", True, "no client_secret_expires_at: the keeper cannot warn before the secret ends"
+        )
+        return
+    if ends - now > EXPIRY_WINDOW:
+        yield Step("expiry", True, f"the {what} is valid until {_day(ends)}")
+        return
+    verb = "ended" if ends <= now else "ends"
+    yield Step(
+        "expiry",
+        False,
+        f"the {what} {verb} on {_day(ends)} (in {max(int((ends - now) // 86400), 0)} days)",
+        "token_invalid_client",
+        f"Add a new client {what.split()[-1]} before the old one ends: Entra admin center > App "
+        f"registrations > {integration.client_id} > Certificates & secrets, then store it with "
+        "'mailbroker integration add' (with client_secret_expires_at) and delete the old one.",
+    )
+
+
+def _secret_end(integration: MicrosoftIntegration) -> float | None:
+    import datetime as dt
+
+    value = integration.client_secret_expires_at
+    if not value:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _certificate_end(integration: Any) -> float | None:
+    pem = getattr(getattr(integration, "client_certificate", None), "certificate", None)
+    if not isinstance(pem, str):
+        return None
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc.timestamp()
+    except ValueError:
+        return None
+
+
+def _day(moment: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(moment))
 
 
 def _is_guid(text: str) -> bool:

@@ -74,6 +74,10 @@ AUTH_FAILED = "535 5.7.3 Authentication unsuccessful"
 AUTH_DISABLED = (
     "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox."
 )
+SECURITY_DEFAULTS = (
+    "535 5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults "
+    "policy. Contact your administrator."
+)
 SEND_AS_DENIED = (
     "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; "
     "Failed to process message due to a permanent exception"
@@ -116,6 +120,8 @@ class _Mailbox:
     allowed_clients: frozenset[str] | None
     smtp_auth_disabled: bool
     send_as: frozenset[str]  # casefolded, itself included
+    service_principals: frozenset[str] | None = None  # Object IDs Exchange knows with mailbox rights
+    security_defaults: bool = False  # the tenant's security defaults block password sign-in
 
 
 @dataclass
@@ -274,10 +280,15 @@ class SandboxSmtpServer:
         allowed_clients: Iterable[str] | None = None,
         smtp_auth_disabled: bool = False,
         send_as: Iterable[str] | None = None,
+        service_principals: Iterable[str] | None = None,
+        security_defaults: bool = False,
     ) -> None:
         """Create (or replace) a mailbox. ``password`` enables AUTH PLAIN/LOGIN for it;
         ``allowed_clients`` are the OAuth client ids whose app-only tokens may use it (None: any);
-        ``send_as`` are the other addresses it may send as."""
+        ``send_as`` are the other addresses it may send as. ``service_principals``: the Object IDs
+        registered with New-ServicePrincipal and given mailbox permission — a Microsoft app-only
+        token whose ``oid`` is not among them gets 535 5.7.3, as Exchange answers (None: any).
+        ``security_defaults``: the tenant's security defaults refuse password sign-in (535 5.7.139)."""
         key = email.casefold()
         self._mailboxes[key] = _Mailbox(
             email=email,
@@ -285,6 +296,8 @@ class SandboxSmtpServer:
             allowed_clients=None if allowed_clients is None else frozenset(allowed_clients),
             smtp_auth_disabled=smtp_auth_disabled,
             send_as=frozenset(a.casefold() for a in (send_as or ())) | {key},
+            service_principals=None if service_principals is None else frozenset(service_principals),
+            security_defaults=security_defaults,
         )
 
     def _find_mailbox(self, email: str) -> _Mailbox | None:
@@ -798,6 +811,9 @@ class _SandboxSMTP(SMTP):
         if mailbox.smtp_auth_disabled:
             await self.push(AUTH_DISABLED)
             return None
+        if mailbox.security_defaults:
+            await self.push(SECURITY_DEFAULTS)
+            return None
         return mailbox.email
 
     async def _gmail_refusal(self) -> None:
@@ -971,6 +987,8 @@ def _token_refusal(claims: dict[str, Any] | None, mailbox: _Mailbox) -> str | No
             return "token issued for another user"
     elif mailbox.allowed_clients is not None and claims.get("client_id") not in mailbox.allowed_clients:
         return "client has no permission on the mailbox"
+    elif mailbox.service_principals is not None and claims.get("oid") not in mailbox.service_principals:
+        return "no service principal with this Object ID has permission on the mailbox"
     provider = str(claims.get("provider") or "")
     if provider == "microsoft":
         if SEND_AS_APP_ROLE not in (claims.get("roles") or ()):

@@ -52,6 +52,7 @@ from mailbroker_sandbox.ca import SandboxCA
 _log = logging.getLogger(__name__)
 
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+GRAPH_RESOURCE = "https://graph.microsoft.com"
 FAULT_KINDS = frozenset({"500", "429", "timeout", "invalid_grant", "invalid_client"})
 SANDBOX_PROJECT = "mailbroker-sandbox"
 DEFAULT_CONSENT_USER = "sandbox.user@example.com"
@@ -84,8 +85,10 @@ class _MicrosoftApp:
     client_secret: str = field(repr=False)
     roles: tuple[str, ...]
     audience: str
-    object_id: str
+    object_id: str  # the Enterprise application's (service principal's) Object ID: the token's oid
     secret_expires_at: float | None = None
+    application_object_id: str = ""  # the App registration's Object ID, a different GUID
+    graph_roles: tuple[str, ...] = ()  # Microsoft Graph application permissions granted
 
 
 @dataclass
@@ -93,6 +96,10 @@ class _GoogleClient:
     client_id: str
     client_secret: str = field(repr=False)
     redirect_uris: frozenset[str] = frozenset()
+    testing: bool = False  # consent screen in 'Testing': refresh tokens last 7 days
+
+
+TESTING_REFRESH_LIFETIME = 7 * 86400
 
 
 @dataclass
@@ -101,6 +108,7 @@ class _RefreshGrant:
     client_id: str
     user: str
     scope: str
+    expires_at: float | None = None
 
 
 @dataclass
@@ -145,6 +153,7 @@ class _Issued:
     roles: tuple[str, ...] = ()
     tenant_id: str | None = None
     grant_id: str | None = None  # the refresh grant it came from, for revocation
+    object_id: str | None = None  # Microsoft: the service principal the token was issued to
 
 
 @dataclass
@@ -452,9 +461,12 @@ class TokenServer:
         roles: Iterable[str] = ("SMTP.SendAsApp",),
         audience: str = "https://outlook.office.com",
         secret_expires_at: float | None = None,
+        graph_roles: Iterable[str] = (),
     ) -> None:
         """Register (or re-register with a new secret) an app in a tenant. ``secret_expires_at``
-        (epoch seconds) makes the secret answer AADSTS7000222 once past."""
+        (epoch seconds) makes the secret answer AADSTS7000222 once past. ``roles`` are the
+        permissions its tokens for ``audience`` carry; ``graph_roles`` those of its tokens for
+        Microsoft Graph (``https://graph.microsoft.com/.default``)."""
         with self._lock:
             previous = self._ms_apps.get((tenant_id.lower(), client_id))
             self._ms_tenants.setdefault(tenant_id.lower(), tenant_id)
@@ -466,16 +478,27 @@ class TokenServer:
                 audience=audience,
                 object_id=previous.object_id if previous else str(uuid.uuid4()),
                 secret_expires_at=secret_expires_at,
+                application_object_id=previous.application_object_id if previous else str(uuid.uuid4()),
+                graph_roles=tuple(graph_roles),
             )
 
+    def microsoft_object_ids(self, tenant_id: str, client_id: str) -> tuple[str, str]:
+        """(the App registration's Object ID, the Enterprise application's Object ID) of an app:
+        Exchange's New-ServicePrincipal needs the second, the one in the token's ``oid``."""
+        with self._lock:
+            app = self._ms_apps[(tenant_id.lower(), client_id)]
+        return app.application_object_id, app.object_id
+
     def register_google_client(
-        self, client_id: str, client_secret: str, *, redirect_uris: Iterable[str] = ()
+        self, client_id: str, client_secret: str, *, redirect_uris: Iterable[str] = (), testing: bool = False
     ) -> None:
         """Register an OAuth client. Loopback ``http`` redirect URIs are always accepted (as for
-        Google's desktop clients); ``redirect_uris`` adds exact others."""
+        Google's desktop clients); ``redirect_uris`` adds exact others. ``testing``: its consent
+        screen is in 'Testing', so its refresh tokens end after 7 days, and token answers carry
+        ``refresh_token_expires_in``."""
         with self._lock:
             self._google_clients[client_id] = _GoogleClient(
-                client_id, client_secret, frozenset(redirect_uris)
+                client_id, client_secret, frozenset(redirect_uris), testing
             )
 
     def issue_refresh_token(self, client_id: str, user_email: str, *, scope: str = GOOGLE_MAIL_SCOPE) -> str:
@@ -488,7 +511,9 @@ class TokenServer:
     def _new_refresh_token(self, client_id: str, user: str, scope: str) -> str:
         token = "1//0" + secrets.token_urlsafe(72)
         grant_id = _digest(token)
-        self._refresh_grants[grant_id] = _RefreshGrant(grant_id, client_id, user, scope)
+        client = self._google_clients.get(client_id)
+        ends = time.time() + TESTING_REFRESH_LIFETIME if client is not None and client.testing else None
+        self._refresh_grants[grant_id] = _RefreshGrant(grant_id, client_id, user, scope, ends)
         return token
 
     def revoke_refresh_token(self, refresh_token: str) -> None:
@@ -561,6 +586,7 @@ class TokenServer:
             "aud": record.audience,
             "roles": list(record.roles),
             "tid": record.tenant_id,
+            "oid": record.object_id,
         }
 
     def issued(
@@ -969,8 +995,11 @@ class TokenServer:
             )
         now, expires_at, lifetime = self._expiry()
         issuer = self._ms_issuer(tenant_id)
+        audience, roles = app.audience, app.roles
+        if scope.lower().startswith(GRAPH_RESOURCE):
+            audience, roles = GRAPH_RESOURCE, app.graph_roles
         claims = {
-            "aud": app.audience,
+            "aud": audience,
             "iss": issuer,
             "iat": int(now),
             "nbf": int(now),
@@ -982,7 +1011,7 @@ class TokenServer:
             "idp": issuer,
             "idtyp": "app",
             "oid": app.object_id,
-            "roles": list(app.roles),
+            "roles": list(roles),
             "sub": app.object_id,
             "tid": tenant_id,
             "uti": secrets.token_urlsafe(16),
@@ -1000,8 +1029,9 @@ class TokenServer:
                 scope=scope,
                 issued_at=now,
                 expires_at=expires_at,
-                audience=app.audience,
-                roles=app.roles,
+                audience=audience,
+                roles=roles,
+                object_id=app.object_id,
                 tenant_id=tenant_id,
             ),
         )
@@ -1077,7 +1107,7 @@ class TokenServer:
             return _google_error(400, "invalid_request", "Missing required parameter: refresh_token")
         with self._lock:
             grant = self._refresh_grants.get(_digest(refresh_token))
-        if grant is None:
+        if grant is None or (grant.expires_at is not None and grant.expires_at <= time.time()):
             _log.debug("refused refresh for Google client %s: unknown or revoked grant", client.client_id)
             return _google_error(400, "invalid_grant", "Token has been expired or revoked.")
         if grant.client_id != client.client_id:
@@ -1091,10 +1121,15 @@ class TokenServer:
                 )
             scope = " ".join(requested)
         token, lifetime = self._issue_google(client.client_id, grant.user, scope, grant_id=grant.grant_id)
-        return _Reply(
-            200,
-            {"access_token": token, "expires_in": _number(lifetime), "scope": scope, "token_type": "Bearer"},
-        )
+        body: dict[str, Any] = {
+            "access_token": token,
+            "expires_in": _number(lifetime),
+            "scope": scope,
+            "token_type": "Bearer",
+        }
+        if grant.expires_at is not None:
+            body["refresh_token_expires_in"] = max(int(grant.expires_at - time.time()), 0)
+        return _Reply(200, body)
 
     def _google_code_exchange(self, req: _Request) -> _Reply:
         client = self._google_client(req)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 import uuid
 import webbrowser
 
@@ -48,9 +49,11 @@ class Cli:
         return ["--smtp-host", "127.0.0.1", "--smtp-port", str(self.smtp.port)]
 
     def microsoft(self, integration_id: str, *, roles=("SMTP.SendAsApp",), audience="https://outlook.office.com",
-                  wrong_secret=False, auth_disabled=False) -> dict:  # fmt: skip
+                  wrong_secret=False, auth_disabled=False, graph_roles=(), **extra) -> dict:  # fmt: skip
         tenant, app, secret = str(uuid.uuid4()), str(uuid.uuid4()), secrets.token_urlsafe(16)
-        self.tokens.register_microsoft_app(tenant, app, secret, roles=roles, audience=audience)
+        self.tokens.register_microsoft_app(
+            tenant, app, secret, roles=roles, audience=audience, graph_roles=graph_roles
+        )
         mailbox = f"{integration_id}@contoso.example"
         self.smtp.add_mailbox(mailbox, allowed_clients=[app], smtp_auth_disabled=auth_disabled)
         document = {
@@ -62,6 +65,7 @@ class Cli:
             "client_id": app,
             "client_secret": "wrong-" + secret if wrong_secret else secret,
             "authority": self.tokens.microsoft_authority(),
+            **extra,
         }
         self.store.put(parse_integration(document))
         return document
@@ -233,7 +237,110 @@ def test_doctor_names_smtp_auth_disabled_with_the_powershell_fix(cli):
     assert code == 1
     assert "✓ token" in out and "✓ ehlo" in out
     assert "✗ auth" in out and "535 5.7.139" in out
-    assert "Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false" in out
+    assert "Set-CASMailbox -Identity disabled@contoso.example -SmtpClientAuthenticationDisabled $false" in out
+
+
+def test_doctor_names_the_app_registration_object_id_given_to_new_service_principal(cli):
+    document = cli.microsoft("wrong-oid")
+    registration, enterprise = cli.tokens.microsoft_object_ids(document["tenant_id"], document["client_id"])
+    # Exchange knows the app by the App registration's Object ID: the seeds' mistake.
+    cli.smtp.add_mailbox(document["username"], service_principals=[registration])
+
+    code, steps = doctor_steps(cli, "wrong-oid")
+
+    assert code == 1
+    assert steps["role"]["ok"] is True and steps["auth"]["code"] == "smtp_auth_failed"
+    assert enterprise in steps["principal"]["detail"]
+    assert (
+        f"New-ServicePrincipal -AppId {document['client_id']} -ObjectId {enterprise}"
+        in steps["principal"]["hint"]
+    )
+    assert registration not in steps["principal"]["hint"]
+
+
+def test_doctor_names_graph_mail_send_granted_where_smtp_needs_send_as_app(cli):
+    cli.microsoft("graph-perm", roles=(), graph_roles=("Mail.Send",))
+
+    code, steps = doctor_steps(cli, "graph-perm")
+
+    assert code == 1
+    assert steps["graph"]["ok"] is False
+    assert "Office 365 Exchange Online > Application permissions" in steps["graph"]["hint"]
+    assert "adminconsent?client_id=" in steps["graph"]["hint"]
+
+
+def test_doctor_names_exchange_mail_send_granted_instead_of_send_as_app(cli):
+    cli.microsoft("mail-send", roles=("Mail.Send",))
+
+    code, steps = doctor_steps(cli, "mail-send")
+
+    assert code == 1
+    assert "Mail.Send" in steps["role"]["detail"]
+    assert "SMTP.SendAsApp" in steps["role"]["hint"]
+
+
+def test_doctor_warns_of_a_client_secret_close_to_expiry(cli):
+    ends = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 10 * 86400))
+    cli.microsoft("expiring", client_secret_expires_at=ends)
+
+    code, steps = doctor_steps(cli, "expiring")
+
+    assert code == 1
+    assert steps["expiry"]["ok"] is False and "in 9 days" in steps["expiry"]["detail"]
+    assert "Certificates & secrets" in steps["expiry"]["hint"]
+    assert steps["auth"]["ok"] is True  # it still works today
+
+
+def test_doctor_names_security_defaults_blocking_a_password(cli):
+    mailbox = "printer@contoso.example"
+    cli.smtp.add_mailbox(mailbox, password="printer-password-1", security_defaults=True)
+    cli.store.put(
+        parse_integration(
+            {
+                "id": "printer",
+                "provider": "basic",
+                "smtp": {"host": "127.0.0.1", "port": cli.smtp.port, "timeout_seconds": 5},
+                "username": mailbox,
+                "password": "printer-password-1",
+            }
+        )
+    )
+
+    code, steps = doctor_steps(cli, "printer")
+
+    assert code == 1
+    assert steps["auth"]["code"] == "sign_in_blocked"
+    assert "Manage security defaults" in steps["auth"]["hint"]
+
+
+def test_doctor_names_a_google_client_left_in_testing(cli):
+    client_id, client_secret = f"{uuid.uuid4().hex}.apps.example", "GOCSPX-" + secrets.token_urlsafe(16)
+    cli.tokens.register_google_client(client_id, client_secret, testing=True)
+    cli.smtp.add_mailbox("cy@gmail.example")
+    cli.store.put(
+        parse_integration(
+            {
+                "id": "testing",
+                "provider": "google",
+                "smtp": {"host": "127.0.0.1", "port": cli.smtp.port, "timeout_seconds": 5},
+                "username": "cy@gmail.example",
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "refresh_token": cli.tokens.issue_refresh_token(client_id, "cy@gmail.example"),
+                "token_uri": cli.tokens.google_token_uri,
+            }
+        )
+    )
+
+    code, steps = doctor_steps(cli, "testing")
+
+    assert code == 1
+    assert steps["consent"]["ok"] is False and "'Testing'" in steps["consent"]["detail"]
+    assert (
+        "Publish app" in steps["consent"]["hint"]
+        and "mailbroker consent google testing" in steps["consent"]["hint"]
+    )
+    assert steps["auth"]["ok"] is True  # it works until the seventh day
 
 
 def test_doctor_names_a_token_for_the_wrong_audience(cli):
