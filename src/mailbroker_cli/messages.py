@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 FINAL = ("sent", "failed")
 STATUS_COLOURS = {"sent": "green", "failed": "red", "retrying": "yellow", "queued": "blue", "sending": "blue"}
+RECIPIENT_COLOURS = {"delivered": "green", "failed": "red", "retrying": "yellow"}
 # How long a message stays hidden while `dlq` walks the queue; each is made visible again at once.
 _PEEK_SECONDS = 30
 
@@ -214,8 +215,24 @@ def show_record(out: Output, record: Any, message_id: str) -> int:
             out.line(f"{out.paint('error', 'bold')}: {error.get('code')}: {error.get('message')}")
             if error.get("hint"):
                 out.line(f"{out.paint('hint', 'bold')}: {error['hint']}")
-        for refused in body.get("refused", []):
-            out.line(f"{out.paint('refused', 'bold')}: {json.dumps(refused)}")
+        recipients = body.get("recipients") or []
+        if recipients:
+            out.line(f"{out.paint('recipients', 'bold')}:")
+        for entry in recipients:
+            colour = RECIPIENT_COLOURS.get(entry.get("status", ""), "bold")
+            said = (
+                f"{entry.get('code')}: {entry.get('reply', '')}"
+                if entry.get("code")
+                else entry.get("reply", "")
+            )
+            out.line(
+                f"  {entry['recipient']:<32} {out.paint(entry.get('status', ''), colour):<9} {said}".rstrip()
+            )
+            if entry.get("status") != "delivered" and entry.get("hint"):
+                out.line(f"  {'':<32} {out.paint('hint', 'bold')}: {entry['hint']}")
+        if not recipients:
+            for refused in body.get("refused", []):
+                out.line(f"{out.paint('refused', 'bold')}: {json.dumps(refused)}")
     if record.status == "failed":
         return 1
     return 0

@@ -48,6 +48,7 @@ from mailbroker.messages.received import (
     RetryLater,
     internal_error,
 )
+from mailbroker.messages.recipients import Recipients, outstanding, refusals_of, settle
 from mailbroker.messages.sessions import DEFAULT_LEASE_SECONDS, SessionPool
 from mailbroker.messages.status import MessageStatusStore, StatusConflict
 from mailbroker.observability import integration_metric, logger
@@ -176,8 +177,11 @@ class Delivery:
         attempt.context = context_of(integration)
         check_allowed(message, integration)
         self._check_time_left(integration)
+        mail_from, every = envelope(message)
+        rcpts = outstanding(every, attempt.seen)
+        if not rcpts:  # every recipient already has its outcome: record it
+            return self._record_outcome(attempt, integration.id, every, accepted=[], refused={}, reply=None)
         session = self.sessions.session_for(integration)
-        mail_from, rcpts = envelope(message)
         if self.governor is not None:
             self._take_message(integration, len(rcpts))
         data = self._mime(self._tracked(message, integration), item)
@@ -205,12 +209,52 @@ class Delivery:
             # left alone by the rest of the batch.
             if exc.code in SLOWS_DOWN:
                 self.sessions.hold_off(integration.id, exc)
-            raise
+            refusals = refusals_of(exc)
+            if refusals is None:
+                raise
+            # Every recipient of this attempt was refused: each keeps its own outcome.
+            return self._record_outcome(
+                attempt, integration.id, every, accepted=[], refused=refusals, reply=None
+            )
         finally:
             integration_metric(
                 "SmtpDurationMs", integration.id, (time.monotonic() - started) * 1000, "Milliseconds"
             )
-        self._record_sent(attempt, integration.id, result)
+        return self._record_outcome(
+            attempt,
+            integration.id,
+            every,
+            accepted=result.accepted,
+            refused=_refused(result),
+            reply=str(result.reply),
+        )
+
+    def _record_outcome(
+        self,
+        attempt: Attempt,
+        integration_id: str,
+        every: list[str],
+        *,
+        accepted: list[str],
+        refused: dict[str, Any],
+        reply: str | None,
+    ) -> str:
+        """Record each recipient's outcome. The message is ``sent`` once no recipient is left to
+        retry and one has it; a recipient refused for now is retried alone (the raised failure
+        puts the message back on the queue); when nobody has it and nobody can, it fails."""
+        seen = attempt.seen
+        outcome = settle(
+            every, seen, accepted=accepted, refused=refused, reply=reply, context=attempt.context
+        )
+        final_reply = reply or (seen.reply if seen else None) or ""
+        if outcome.pending or not outcome.delivered:
+            attempt.seen = self.statuses.partly_sent(
+                attempt.message_id, integration_id, seen, reply=final_reply, recipients=list(outcome.entries)
+            )
+            if accepted:
+                integration_metric("MessagesPartlySent", integration_id, 1)
+            raise outcome.first_error()
+        self._record_sent(attempt, integration_id, final_reply, outcome)
         return "sent"
 
     def _already_handled(self, item: QueuedRecord, attempt: Attempt) -> bool:
@@ -295,13 +339,17 @@ class Delivery:
         when = datetime.fromtimestamp(item.sent_at, UTC) if item.sent_at else None
         return build_mime(message, message_id_domain=message.from_.domain, now=when).as_bytes()
 
-    def _record_sent(self, attempt: Attempt, integration_id: str, result: Any) -> None:
-        refused = [
-            {"recipient": recipient, "reply": str(reply)} for recipient, reply in _refused(result).items()
-        ]
-        reply = str(result.reply)
+    def _record_sent(self, attempt: Attempt, integration_id: str, reply: str, outcome: Recipients) -> None:
+        refused = outcome.refused_for_good()
         try:
-            self.statuses.sent(attempt.message_id, integration_id, attempt.seen, reply=reply, refused=refused)
+            self.statuses.sent(
+                attempt.message_id,
+                integration_id,
+                attempt.seen,
+                reply=reply,
+                refused=refused,
+                recipients=list(outcome.entries),
+            )
         except MailbrokerError:
             # The server has the message: deleting it from the queue is what prevents a resend.
             logger.error(

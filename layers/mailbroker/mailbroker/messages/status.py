@@ -4,8 +4,13 @@ One DynamoDB item per message id (``pk = msg#<id>``) in ``MESSAGE_TABLE``:
 
 - ``status``: ``queued`` → ``sending`` → ``sent``, or ``retrying`` / ``failed``;
 - ``integration``, ``attempts``, ``next_attempt_at``, ``last_error`` ``{code, message, hint, ...}``,
-  ``reply`` (the server's final reply) and ``refused`` (recipients the server refused, with its
-  replies), ``created_at`` / ``updated_at``;
+  ``reply`` (the server's final reply) and ``refused`` (recipients the server refused for good,
+  with its replies), ``created_at`` / ``updated_at``;
+- ``recipients``: each recipient's own outcome once the server answered for it — ``delivered``
+  (with the reply that took the message), ``retrying`` (a temporary refusal: it alone is tried
+  again, on the retry schedule) or ``failed`` (with the code and hint). A message is ``sent`` only
+  when no recipient is left ``retrying``; a delivered recipient is never sent the message again,
+  not even after a re-drive inside the idempotency window;
 - ``ttl``: the end of the idempotency window. DynamoDB deletes expired items days late, so every
   reader checks ``ttl`` itself: a record past it counts as absent;
 - ``version``, ``lease_owner``, ``lease_until``, ``cycle_started_at``: internal. Every write is
@@ -51,6 +56,7 @@ class MessageRecord:
     last_error: dict[str, Any] | None = None
     reply: str | None = None
     refused: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    recipients: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     ttl: int = 0
     version: int = 0
     lease_owner: str | None = None
@@ -65,6 +71,10 @@ class MessageRecord:
 
     def lease_held(self, now: float) -> bool:
         return self.status == "sending" and self.lease_until > now
+
+    def recipients_in(self, *states: str) -> set[str]:
+        """The recipients (casefolded) whose outcome is one of ``states``."""
+        return {str(r["recipient"]).casefold() for r in self.recipients if r.get("status") in states}
 
     def to_public(self) -> dict[str, Any]:
         """The record as ``GET /v1/messages/{id}`` answers it."""
@@ -84,6 +94,8 @@ class MessageRecord:
             body["reply"] = self.reply
         if self.refused:
             body["refused"] = list(self.refused)
+        if self.recipients:
+            body["recipients"] = list(self.recipients)
         body.update(self.engagement)
         return body
 
@@ -177,8 +189,10 @@ class MessageStatusStore:
         *,
         reply: str,
         refused: list[dict[str, str]],
+        recipients: list[dict[str, Any]] | None = None,
     ) -> MessageRecord:
         """The server took the message: written whatever happened to the record meanwhile."""
+        changes: dict[str, Any] = {"recipients": tuple(recipients)} if recipients is not None else {}
         record = self._next(
             message_id,
             seen,
@@ -188,6 +202,32 @@ class MessageStatusStore:
             reply=reply,
             refused=tuple(refused),
             last_error=None,
+            **changes,
+        )
+        return self._write(record, None, unconditional=True)
+
+    def partly_sent(
+        self,
+        message_id: str,
+        integration: str,
+        seen: MessageRecord | None,
+        *,
+        reply: str,
+        recipients: list[dict[str, Any]],
+    ) -> MessageRecord:
+        """The server took the message for some recipients and refused others for now: the
+        outcome of each is kept (whatever happened to the record meanwhile, as for ``sent``), the
+        status stays ``sending`` until the retry is recorded."""
+        record = self._next(
+            message_id,
+            seen,
+            status="sending",
+            integration=integration,
+            attempts=attempts_so_far(seen, self._clock()),
+            reply=reply,
+            recipients=tuple(recipients),
+            lease_owner=seen.lease_owner if seen else None,
+            lease_until=seen.lease_until if seen else 0.0,
         )
         return self._write(record, None, unconditional=True)
 
@@ -221,8 +261,20 @@ class MessageStatusStore:
         error: dict[str, Any],
         attempts: int,
     ) -> MessageRecord:
+        settled = tuple(
+            {**r, "status": "failed", "code": error.get("code"), "hint": error.get("hint")}
+            if r.get("status") == "retrying"
+            else r
+            for r in (seen.recipients if seen else ())
+        )
         record = self._next(
-            message_id, seen, status="failed", integration=integration, attempts=attempts, last_error=error
+            message_id,
+            seen,
+            status="failed",
+            integration=integration,
+            attempts=attempts,
+            last_error=error,
+            recipients=settled,
         )
         return self._write(record, seen)
 
@@ -233,6 +285,10 @@ class MessageStatusStore:
         new_cycle = is_new_cycle(seen, now)
         base = MessageRecord(id=message_id, status="queued", created_at=now) if new_cycle else seen
         assert base is not None
+        if new_cycle and seen is not None and seen.is_live(now):
+            # A re-drive inside the window: who already has the message keeps it, once.
+            delivered = tuple(r for r in seen.recipients if r.get("status") == "delivered")
+            base = replace(base, recipients=delivered)
         if changes.get("integration") is None:
             changes["integration"] = seen.integration if seen else None
         fields: dict[str, Any] = {
@@ -286,6 +342,8 @@ def _to_item(record: MessageRecord) -> dict[str, Any]:
         item["reply"] = {"S": record.reply}
     if record.refused:
         item["refused"] = {"S": json.dumps(list(record.refused), ensure_ascii=False)}
+    if record.recipients:
+        item["recipients"] = {"S": json.dumps(list(record.recipients), ensure_ascii=False)}
     if record.lease_owner:
         item["lease_owner"] = {"S": record.lease_owner}
         item["lease_until"] = {"N": num(record.lease_until)}
@@ -295,6 +353,7 @@ def _to_item(record: MessageRecord) -> dict[str, Any]:
 def _from_item(item: dict[str, Any]) -> MessageRecord:
     last_error = text(item, "last_error")
     refused = text(item, "refused")
+    recipients = text(item, "recipients")
     return MessageRecord(
         id=item["id"]["S"],
         status=item["status"]["S"],
@@ -306,6 +365,7 @@ def _from_item(item: dict[str, Any]) -> MessageRecord:
         last_error=json.loads(last_error) if last_error else None,
         reply=text(item, "reply"),
         refused=tuple(json.loads(refused)) if refused else (),
+        recipients=tuple(json.loads(recipients)) if recipients else (),
         ttl=int(number(item, "ttl")),
         version=int(number(item, "version")),
         lease_owner=text(item, "lease_owner"),
