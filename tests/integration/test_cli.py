@@ -509,6 +509,27 @@ def test_send_queues_a_message_and_status_follows_it_to_sent(cli):
     assert cli.smtp.accepted[-1].rcpt_tos == ["ana@example.com"]
 
 
+def test_status_prints_each_recipients_outcome(cli):
+    cli.microsoft("m365")
+    cli.smtp.fail("rcpt", 452, "4.5.3 Too many recipients", recipient="bo@example.com")
+    cli(
+        "send", "-i", "m365", "--id", "hello-2", "--from", "m365@contoso.example",
+        "--to", "ana@example.com", "--to", "bo@example.com", "--subject", "Hello", "--text", "Hi",
+    )  # fmt: skip
+    cli.run_sender_once()
+
+    code, out, _ = cli("status", "hello-2")
+
+    assert code == 0
+    assert "status: retrying" in out and "recipients:" in out
+    lines = out.splitlines()
+    [ana] = [line for line in lines if "ana@example.com" in line]
+    [bo] = [line for line in lines if "bo@example.com" in line]
+    assert "delivered" in ana and "250 " in ana
+    assert "retrying" in bo and "throttled: 452 4.5.3 Too many recipients" in bo
+    assert "retried on their own" in out
+
+
 def test_send_refuses_an_invalid_message_naming_each_problem(cli):
     cli.microsoft("m365")
 
