@@ -86,9 +86,11 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "token_invalid_grant",
         False,
         502,
-        "The refresh token was rejected (expired or revoked). Google apps left in 'Testing' "
-        "publishing status lose refresh tokens after 7 days; tokens also die after 6 months unused "
-        "or on a password change. Re-consent: 'mailbroker consent google <id>'.",
+        "The grant was rejected: the refresh token expired or was revoked (6 months unused, a "
+        "password change, access removed; Google apps in 'Testing' after 7 days), or a service "
+        "account may not act for its subject. The user consents again ('mailbroker consent google "
+        "<id>' for Gmail) and the new refresh token is stored; the hint of each failure names the "
+        "provider's own fix.",
     ),
     ErrorKind(
         "token_invalid_client",
