@@ -440,22 +440,29 @@ class Run:
         )
 
     def show_token_calls(self, sandbox: Sandbox, demos: list[Demo]) -> None:
+        from mailbroker.integrations import (
+            BasicIntegration,
+            GoogleIntegration,
+            GoogleServiceAccountIntegration,
+            MicrosoftIntegration,
+        )
+
         tokens = sandbox.tokens
         store = sandbox.integrations
         rows = []
         for demo in demos:
-            if demo.provider == "basic":
-                continue
             integration = store.get(demo.id)
-            if demo.provider == "microsoft":
+            if isinstance(integration, BasicIntegration):
+                continue
+            if isinstance(integration, MicrosoftIntegration):
                 count = tokens.issued(provider="microsoft", client_id=integration.client_id)
                 credential = f"app {integration.client_id[:8]}… in tenant {integration.tenant_id[:8]}…"
-            elif demo.provider == "google":
+            elif isinstance(integration, GoogleIntegration):
                 count = tokens.issued(
                     provider="google", client_id=integration.client_id, subject=integration.username
                 )
                 credential = f"refresh token of {integration.username}"
-            elif demo.provider == "google_service_account":
+            elif isinstance(integration, GoogleServiceAccountIntegration):
                 count = tokens.issued(provider="google_service_account", subject=integration.subject)
                 credential = (
                     f"{integration.service_account_info.client_email.split('@')[0]}… as {integration.subject}"

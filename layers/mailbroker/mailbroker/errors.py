@@ -389,7 +389,7 @@ class AwsUnavailable(MailbrokerError):
 
 def aws_error_code(exc: BaseException) -> str:
     """The AWS error code of a botocore ``ClientError`` (else the exception's class name)."""
-    return getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
 
 
 def aws_failure(exc: BaseException, what: str) -> AwsUnavailable:

@@ -136,7 +136,8 @@ class _IntegrationBase(_Model):
 
     def redacted(self) -> dict[str, Any]:
         """The integration as JSON with every secret field replaced by '********'."""
-        return json.loads(self.model_dump_json())
+        redacted: dict[str, Any] = json.loads(self.model_dump_json())
+        return redacted
 
 
 class MicrosoftIntegration(_IntegrationBase):
@@ -224,7 +225,7 @@ OAuthIntegration = (
     MicrosoftIntegration | GoogleIntegration | GoogleServiceAccountIntegration | OAuth2Integration
 )
 
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(Integration)
+_ADAPTER: TypeAdapter[Integration] = TypeAdapter(Integration)
 SECRET_FIELDS = ("client_secret", "refresh_token", "password", "private_key")
 
 
@@ -240,7 +241,7 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
     return problems
 
 
-def parse_integration(data: Any, *, expected_id: str | None = None) -> Any:
+def parse_integration(data: object, *, expected_id: str | None = None) -> Integration:
     """Validate a secret's JSON into its provider's model, or raise InvalidIntegration."""
     if isinstance(data, str | bytes):
         try:
@@ -308,7 +309,7 @@ class IntegrationStore:
     def secret_name(self, integration_id: str) -> str:
         return f"{self.prefix}{integration_id}"
 
-    def get(self, integration_id: str, *, force_fetch: bool = False) -> Any:
+    def get(self, integration_id: str, *, force_fetch: bool = False) -> Integration:
         from aws_lambda_powertools.utilities.parameters.exceptions import GetParameterError
 
         try:
@@ -336,7 +337,7 @@ class IntegrationStore:
                     ids.append(name[len(self.prefix) :])
         return sorted(ids)
 
-    def put(self, integration: Any) -> None:
+    def put(self, integration: Integration) -> None:
         """Create or replace an integration's secret (validated before it is written)."""
         body = json.dumps(unredacted(integration))
         name = self.secret_name(integration.id)
@@ -351,10 +352,10 @@ class IntegrationStore:
         self._provider.clear_cache()
 
 
-def unredacted(integration: Any) -> dict[str, Any]:
+def unredacted(integration: Integration) -> dict[str, Any]:
     """The integration as the JSON stored in its secret, secrets included. Only for writing it."""
-    data = integration.model_dump(mode="python", exclude_none=True)
-    return _reveal(data)
+    revealed: dict[str, Any] = _reveal(integration.model_dump(mode="python", exclude_none=True))
+    return revealed
 
 
 def _reveal(value: Any) -> Any:

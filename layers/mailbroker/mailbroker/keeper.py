@@ -20,12 +20,20 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbroker.errors import MailbrokerError, classify_exception
 from mailbroker.health import Alert, HealthError, HealthRecord, HealthStore, iso
 from mailbroker.integrations import BasicIntegration, MicrosoftIntegration
 from mailbroker.observability import logger
+
+if TYPE_CHECKING:
+    import ssl
+
+    from mailbroker.integrations import Integration
+    from mailbroker.seams import AlertSink, IntegrationCatalogue, TokenKeeper, TokenSource
+    from mailbroker.smtp.transport import CheckStep
+    from mailbroker.smtp.xoauth2 import Authenticator
 
 DAY = 86400.0
 # How many times a record write is retried after losing to a concurrent keeper.
@@ -77,16 +85,16 @@ class Checked:
     alerts: tuple[Alert, ...]
 
 
-SmtpCheck = Callable[[Any], Sequence[Any]]  # integration -> steps with .ok, .name, .code, .hint, .detail
+SmtpCheck = Callable[["Integration"], Sequence["CheckStep"]]
 
 
 class Keeper:
     def __init__(
         self,
-        integrations: Any,
-        broker: Any,
+        integrations: IntegrationCatalogue,
+        broker: TokenKeeper,
         health: HealthStore,
-        alerts: Any,
+        alerts: AlertSink,
         *,
         keep_alive_days: float = 7.0,
         secret_expiry_warning_days: float = 30.0,
@@ -323,7 +331,7 @@ def alerts_for(previous: HealthRecord | None, record: HealthRecord, seen: Observ
     return alerts
 
 
-def secret_expiry(integration: Any, now: float, window: float) -> tuple[str | None, tuple[str, ...]]:
+def secret_expiry(integration: Integration, now: float, window: float) -> tuple[str | None, tuple[str, ...]]:
     """(the expiry value when inside the warning window, warnings) for a Microsoft client secret."""
     if not isinstance(integration, MicrosoftIntegration) or not integration.client_secret_expires_at:
         return None, ()
@@ -343,14 +351,16 @@ def secret_expiry(integration: Any, now: float, window: float) -> tuple[str | No
     return value, (f"The client secret expires on {day} (in {max(int(left // DAY), 0)} days).",)
 
 
-def live_check(integration: Any, broker: Any, *, ssl_context: Any = None) -> list[Any]:
+def live_check(
+    integration: Integration, broker: TokenSource, *, ssl_context: ssl.SSLContext | None = None
+) -> list[CheckStep]:
     """The live check behind ``POST /v1/integrations/{id}/check`` and the keeper's ``smtp_check``:
     a token through the broker, then connect, TLS, EHLO, AUTH and QUIT. No mail is sent."""
     from mailbroker.smtp import BasicAuth, CheckStep, XOAuth2Auth, run_check
 
     if isinstance(integration, BasicIntegration):
         steps = [CheckStep("token", True, "basic authentication: no token needed")]
-        auth: Any = BasicAuth(integration.password)
+        auth: Authenticator = BasicAuth(integration.password)
     else:
         try:
             token = broker.token_for_integration(integration)
@@ -364,13 +374,13 @@ def live_check(integration: Any, broker: Any, *, ssl_context: Any = None) -> lis
             if not fresh:
                 return token.access_token
             again = broker.token_for_integration(integration, rejected_token=token.access_token)
-            return str(again.access_token)
+            return again.access_token
 
         auth = XOAuth2Auth(provide)
     steps.extend(run_check(integration.smtp, integration.username, auth, ssl_context))
     return steps
 
 
-def live_smtp_check(integration: Any, broker: Any) -> list[Any]:
+def live_smtp_check(integration: Integration, broker: TokenSource) -> list[CheckStep]:
     """The keeper's SMTP check (the token step is already part of every keeper run)."""
     return [step for step in live_check(integration, broker) if step.name != "token" or not step.ok]

@@ -10,6 +10,8 @@ imported inside the factories so a handler's cold start loads only what its firs
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from mailbroker.messages.queue import MessageQueue, QueueActions
     from mailbroker.messages.status import MessageStatusStore
     from mailbroker.messages.tracking import LinkTracker, TrackingSigner
+    from mailbroker.seams import IntegrationSource
     from mailbroker.settings import (
         AlertsEnv,
         EventBusEnv,
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
         TrackingRoutesEnv,
     )
     from mailbroker.tokens.broker import TokenBroker
+    from mailbroker.tokens.providers import TokenProviders
 
 
 @cache
@@ -80,27 +84,30 @@ def build_integration_store(settings: SecretsEnv, *, max_age: int | None = None)
     )
 
 
-def build_token_broker(settings: TokenCacheEnv, integrations: Any, **overrides: Any) -> TokenBroker:
-    """The token broker over the shared cache. ``overrides`` replace a collaborator (``kms``,
-    ``dynamodb``, ``providers``) or pass a keyword to :class:`TokenBroker` (``clock`` …)."""
+def build_token_broker(
+    settings: TokenCacheEnv,
+    integrations: IntegrationSource,
+    *,
+    providers: TokenProviders | None = None,
+    clock: Callable[[], float] = time.time,
+) -> TokenBroker:
+    """The token broker over the shared cache; ``providers`` and ``clock`` replace the real ones
+    (benchmarks and tests)."""
     from mailbroker.tokens.broker import TokenBroker
     from mailbroker.tokens.crypto import TokenCipher
     from mailbroker.tokens.model import RefreshPolicy
     from mailbroker.tokens.providers import TokenProviders
     from mailbroker.tokens.store import TokenStore
 
-    cipher = TokenCipher(overrides.pop("kms", None) or aws_client("kms"), settings.token_key_id)
-    store = TokenStore(
-        overrides.pop("dynamodb", None) or aws_client("dynamodb"), settings.token_table, cipher
-    )
+    cipher = TokenCipher(aws_client("kms"), settings.token_key_id)
     return TokenBroker(
         integrations,
-        store,
-        overrides.pop("providers", None) or TokenProviders(http_timeout=settings.http_timeout),
+        TokenStore(aws_client("dynamodb"), settings.token_table, cipher),
+        providers or TokenProviders(http_timeout=settings.http_timeout),
         policy=RefreshPolicy(min_margin=settings.refresh_min_margin, fraction=settings.refresh_fraction),
         lease_ttl=settings.lease_ttl,
         lease_wait=settings.lease_wait,
-        **overrides,
+        clock=clock,
     )
 
 
@@ -113,7 +120,9 @@ def status_store(settings: MessageTableEnv) -> MessageStatusStore:
     )
 
 
-def message_queue(queue: SendQueueEnv, statuses: MessageStatusStore, integrations: Any) -> MessageQueue:
+def message_queue(
+    queue: SendQueueEnv, statuses: MessageStatusStore, integrations: IntegrationSource
+) -> MessageQueue:
     """Validate and enqueue messages onto the send queue, recording each as queued."""
     from mailbroker.messages.queue import MessageQueue
 

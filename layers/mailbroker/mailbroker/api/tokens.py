@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Body
@@ -25,7 +25,7 @@ class TokenRequest(BaseModel):
 _ASSUMED_ROLE = re.compile(r"^arn:(aws[\w-]*):sts::(\d{12}):assumed-role/([^/]+)/.+$")
 
 
-def caller_principals(event: dict) -> set[str]:
+def caller_principals(event: dict[str, Any]) -> set[str]:
     """The caller's ARN as API Gateway's IAM authoriser saw it, plus, for an assumed role, the
     role's own ARN (what an operator lists)."""
     arn = (event.get("requestContext", {}).get("authorizer", {}).get("iam", {}) or {}).get("userArn") or ""
@@ -38,7 +38,9 @@ def caller_principals(event: dict) -> set[str]:
 
 
 @router.post("/v1/integrations/<integration_id>/token")
-def issue_token(integration_id: str, request: Annotated[TokenRequest | None, Body()] = None) -> dict:
+def issue_token(
+    integration_id: str, request: Annotated[TokenRequest | None, Body()] = None
+) -> dict[str, Any]:
     allowed = get_settings(TokenBrokerSettings).token_principals
     if allowed and not caller_principals(router.current_event.raw_event) & allowed:
         raise MailbrokerError(

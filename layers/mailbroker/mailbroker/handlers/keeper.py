@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from mailbroker import runtime
 from mailbroker.observability import logger, metrics
 from mailbroker.settings import KeeperSettings, get_settings
+
+if TYPE_CHECKING:
+    from mailbroker.keeper import Checked, Keeper
+    from mailbroker.seams import TokenKeeper
 
 
 def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -21,24 +27,31 @@ def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return summary.to_dict()
 
 
-def build_keeper(settings: KeeperSettings, **overrides: Any) -> Any:
+def build_keeper(
+    settings: KeeperSettings,
+    *,
+    broker: TokenKeeper | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Keeper:
+    """The keeper over the environment's integrations; ``broker`` and ``clock`` replace the real
+    ones (tests run it at chosen moments)."""
     from mailbroker.keeper import Keeper, live_smtp_check
 
-    broker = overrides.pop("broker", None) or runtime.token_broker()
+    tokens = broker or runtime.token_broker()
     return Keeper(
-        overrides.pop("integrations", None) or runtime.integration_store(),
-        broker,
+        runtime.integration_store(),
+        tokens,
         runtime.health_store(settings),
         runtime.alerts(settings),
         keep_alive_days=settings.keep_alive_days,
         secret_expiry_warning_days=settings.secret_expiry_warning_days,
-        smtp_check=lambda integration: live_smtp_check(integration, broker),
+        smtp_check=lambda integration: live_smtp_check(integration, tokens),
         on_checked=integration_metrics,
-        **overrides,
+        clock=clock,
     )
 
 
-def integration_metrics(checked: Any) -> None:
+def integration_metrics(checked: Checked) -> None:
     """One EMF record per integration, with the integration as its dimension."""
     from aws_lambda_powertools.metrics import EphemeralMetrics
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -11,6 +11,9 @@ from mailbroker import runtime
 from mailbroker.errors import InvalidRequest, MailbrokerError, classify_exception
 from mailbroker.observability import logger, metrics
 from mailbroker.settings import TokenBrokerSettings, get_settings
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.event_handler import APIGatewayHttpResolver
 
 
 class DirectInvoke(BaseModel):
@@ -20,7 +23,7 @@ class DirectInvoke(BaseModel):
 
 
 @lru_cache(maxsize=1)
-def _resolver() -> Any:
+def _resolver() -> APIGatewayHttpResolver:
     from mailbroker.api.resolver import build_resolver
 
     return build_resolver()
@@ -33,7 +36,7 @@ def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return direct_invoke(event)
 
 
-def direct_invoke(event: Any) -> dict[str, Any]:
+def direct_invoke(event: object) -> dict[str, Any]:
     """``{"integration": id, "force_refresh": false}`` → the token JSON, or ``{"error": {...}}``
     without raising."""
     try:

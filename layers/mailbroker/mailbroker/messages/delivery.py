@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbroker.errors import InvalidMessage, MailbrokerError, SmtpFailure
 from mailbroker.governor import GovernorDelay
@@ -53,6 +53,16 @@ from mailbroker.messages.sessions import DEFAULT_LEASE_SECONDS, SessionPool
 from mailbroker.messages.status import MessageStatusStore, StatusConflict
 from mailbroker.observability import integration_metric, logger
 
+if TYPE_CHECKING:
+    import ssl
+
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+    from mailbroker.integrations import Integration
+    from mailbroker.messages.tracking import LinkTracker
+    from mailbroker.seams import Governor, IntegrationSource, SessionFactory, TokenSource
+    from mailbroker.smtp.transport import SendResult
+
 __all__ = ["DEFAULT_LEASE_SECONDS", "Delivery", "RetryLater"]
 
 # Left-over time below which a message is not started: a send cut off by the function's timeout
@@ -73,12 +83,12 @@ class Delivery:
         *,
         statuses: MessageStatusStore,
         queue: QueueActions,
-        integrations: Any,
-        token_broker: Any,
+        integrations: IntegrationSource,
+        token_broker: TokenSource,
         max_message_age_seconds: float,
-        governor: Any = None,
-        session_factory: Callable[..., Any] | None = None,
-        ssl_context: Any = None,
+        governor: Governor | None = None,
+        session_factory: SessionFactory | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         remaining_ms: Callable[[], int] | None = None,
         min_remaining_ms: int = DEFAULT_MIN_REMAINING_MS,
@@ -87,7 +97,7 @@ class Delivery:
         sleep: Callable[[float], None] = time.sleep,
         max_inline_wait: float = DEFAULT_MAX_INLINE_WAIT,
         inline_wait_budget: float = DEFAULT_INLINE_WAIT_BUDGET,
-        tracker: Any = None,
+        tracker: LinkTracker | None = None,
     ) -> None:
         self.statuses = statuses
         self.queue = queue
@@ -129,7 +139,7 @@ class Delivery:
 
     # ------------------------------------------------------------------ one record
 
-    def handle_record(self, record: Any) -> str:
+    def handle_record(self, record: SQSRecord | dict[str, Any]) -> str:
         """The batch processor's record handler. Returns how the record ended (``sent``,
         ``duplicate``, ``failed``); raises :class:`RetryLater` when it is back on the queue."""
         item = QueuedRecord.from_sqs(record)
@@ -183,7 +193,7 @@ class Delivery:
             return self._record_outcome(attempt, integration.id, every, accepted=[], refused={}, reply=None)
         session = self.sessions.session_for(integration)
         if self.governor is not None:
-            self._take_message(integration, len(rcpts))
+            self._take_message(self.governor, integration, len(rcpts))
         data = self._mime(self._tracked(message, integration), item)
 
         try:
@@ -292,13 +302,11 @@ class Delivery:
             )
         return False
 
-    def _take_message(self, integration: Any, recipients: int) -> None:
+    def _take_message(self, governor: Governor, integration: Integration, recipients: int) -> None:
         """Take the message's place in the integration's pace, waiting out a short delay."""
         while True:
             try:
-                self.governor.take_message(
-                    integration.id, integration.effective_limits(), recipients=recipients
-                )
+                governor.take_message(integration.id, integration.effective_limits(), recipients=recipients)
                 return
             except GovernorDelay as delay:
                 wait = delay.retry_after
@@ -311,20 +319,20 @@ class Delivery:
                 self._inline_budget -= wait
                 self._sleep(wait)
 
-    def _time_for(self, wait: float, integration: Any) -> bool:
+    def _time_for(self, wait: float, integration: Integration) -> bool:
         if self._remaining_ms is None:
             return True
         needed = max(self._min_remaining_ms, int(integration.smtp.timeout_seconds * 1000))
         return self._remaining_ms() - wait * 1000 >= needed
 
-    def _check_time_left(self, integration: Any) -> None:
+    def _check_time_left(self, integration: Integration) -> None:
         if self._remaining_ms is None:
             return
         needed = max(self._min_remaining_ms, int(integration.smtp.timeout_seconds * 1000))
         if self._remaining_ms() < needed:
             raise Deferred(1, "not enough time left in this invocation to send safely")
 
-    def _tracked(self, message: OutgoingMessage, integration: Any) -> OutgoingMessage:
+    def _tracked(self, message: OutgoingMessage, integration: Integration) -> OutgoingMessage:
         if self.tracker is not None:
             return self.tracker.apply(message, str(message.id), integration.tracking)
         wanted = message.tracking or integration.tracking
@@ -382,7 +390,7 @@ class Delivery:
         attempt.loaded = True
 
 
-def _refused(result: Any) -> dict[str, Any]:
+def _refused(result: SendResult) -> dict[str, Any]:
     refused = getattr(result, "refused", None) or {}
     if isinstance(refused, dict):
         return refused

@@ -29,7 +29,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from email.headerregistry import HeaderRegistry, UnstructuredHeader
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 from pydantic import (
     AfterValidator,
@@ -45,6 +45,9 @@ from pydantic_core import PydanticCustomError
 
 from mailbroker.errors import InvalidMessage, SenderNotAllowed
 from mailbroker.integrations import Tracking
+
+if TYPE_CHECKING:
+    from mailbroker.integrations import Integration
 
 MAX_RAW_BYTES = 40 * 1024 * 1024  # the JSON itself: 25 MiB of attachments is ~34 MiB of base64
 MAX_ATTACHMENT_BYTES = 25 * 1024 * 1024  # decoded, all attachments together
@@ -421,7 +424,7 @@ def parse_message(raw: str | bytes | bytearray | Mapping[str, Any]) -> OutgoingM
     return message
 
 
-def _raise(problems: list[dict[str, str]]) -> Any:
+def _raise(problems: list[dict[str, str]]) -> NoReturn:
     problems = list({(p["field"], p["problem"]): p for p in problems}.values())
     if len(problems) > MAX_PROBLEMS:
         extra = len(problems) - MAX_PROBLEMS
@@ -496,7 +499,7 @@ def _raw_rule_problems(data: Mapping[str, Any]) -> list[dict[str, str]]:
 # --- authorisation -------------------------------------------------------------------------------
 
 
-def check_allowed(message: OutgoingMessage, integration: Any) -> None:
+def check_allowed(message: OutgoingMessage, integration: Integration) -> None:
     """Raise ``SenderNotAllowed`` unless the integration may send as ``from`` for this ``usage``."""
     allowed = {_comparable(address) for address in integration.allowed_senders()}
     problems = []

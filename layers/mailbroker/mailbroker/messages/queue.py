@@ -12,12 +12,15 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbroker.errors import AwsUnavailable, InvalidMessage, aws_error_code
 from mailbroker.messages.models import check_allowed, parse_message
 from mailbroker.messages.status import IN_FLIGHT, MessageStatusStore, StatusConflict, error_record
 from mailbroker.observability import logger
+
+if TYPE_CHECKING:
+    from mailbroker.seams import IntegrationSource
 
 # SQS's limit for one message body.
 MAX_QUEUE_BODY_BYTES = 256 * 1024
@@ -29,7 +32,7 @@ class MessageQueue:
         sqs_client: Any,
         queue_url: str,
         statuses: MessageStatusStore,
-        integrations: Any,
+        integrations: IntegrationSource,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:

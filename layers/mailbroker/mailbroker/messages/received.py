@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbroker.errors import MailbrokerError
 from mailbroker.messages.queue import QueueActions
@@ -35,6 +35,11 @@ from mailbroker.messages.status import (
     is_new_cycle,
 )
 from mailbroker.observability import integration_metric, logger
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+    from mailbroker.seams import Governor
 
 # A message that cannot go to the dead-letter queue stays on the send queue this long.
 DEAD_LETTER_RETRY_SECONDS = 60
@@ -77,7 +82,7 @@ class QueuedRecord:
     attributes: dict[str, str]
 
     @classmethod
-    def from_sqs(cls, record: Any) -> QueuedRecord:
+    def from_sqs(cls, record: SQSRecord | dict[str, Any]) -> QueuedRecord:
         """From a Powertools ``SQSRecord`` (or the raw event record dict)."""
         raw = record.raw_event if hasattr(record, "raw_event") else record
         attributes = raw.get("attributes") or {}
@@ -134,7 +139,7 @@ class Outcomes:
         queue: QueueActions,
         holder: str,
         max_message_age_seconds: float,
-        governor: Any = None,
+        governor: Governor | None = None,
         clock: Callable[[], float] = time.time,
         uniform: Callable[[float, float], float] = random.uniform,
     ) -> None:

@@ -12,12 +12,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mailbroker.errors import MailbrokerError
 from mailbroker.integrations import BasicIntegration
 from mailbroker.messages.received import SLOWS_DOWN, Deferred
 from mailbroker.observability import integration_metric, logger
+
+if TYPE_CHECKING:
+    import ssl
+
+    from mailbroker.governor import ConnectionSlot
+    from mailbroker.integrations import Integration
+    from mailbroker.seams import Governor, MailSession, SessionFactory, TokenSource
+    from mailbroker.smtp.xoauth2 import Authenticator
 
 # A claimed id or connection slot whose sender shows no sign of life for this long is taken for
 # dead. Longer than the sender function's timeout, so a live sender never loses its claim.
@@ -29,7 +37,7 @@ class BrokerTokens:
     server refused one (``force_refresh=True``), the broker is told which, so it is never handed
     out again."""
 
-    def __init__(self, broker: Any, integration_id: str) -> None:
+    def __init__(self, broker: TokenSource, integration_id: str) -> None:
         self._broker = broker
         self._integration_id = integration_id
         self._last: str | None = None
@@ -50,8 +58,8 @@ class BrokerTokens:
 
 @dataclass
 class _Open:
-    session: Any
-    slot: Any = None
+    session: MailSession
+    slot: ConnectionSlot | None = None
 
 
 class SessionPool:
@@ -64,13 +72,13 @@ class SessionPool:
 
     def __init__(
         self,
-        token_broker: Any,
+        token_broker: TokenSource,
         *,
-        governor: Any = None,
+        governor: Governor | None = None,
         holder: str = "",
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        session_factory: Callable[..., Any] | None = None,
-        ssl_context: Any = None,
+        session_factory: SessionFactory | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._broker = token_broker
@@ -84,7 +92,7 @@ class SessionPool:
         self._broken: dict[str, MailbrokerError] = {}
         self._held_until: dict[str, tuple[float, str]] = {}
 
-    def session_for(self, integration: Any) -> Any:
+    def session_for(self, integration: Integration) -> MailSession:
         held = self._held_until.get(integration.id)
         if held and held[0] > self._clock():
             raise Deferred(held[0] - self._clock(), held[1], code="throttled")
@@ -132,15 +140,15 @@ class SessionPool:
     def connections(self) -> int:
         return len(self._open)
 
-    def _new_session(self, integration: Any) -> Any:
+    def _new_session(self, integration: Integration) -> MailSession:
         from mailbroker.smtp.transport import SmtpSession
         from mailbroker.smtp.xoauth2 import BasicAuth, XOAuth2Auth
 
         if isinstance(integration, BasicIntegration):
-            auth: Any = BasicAuth(integration.password)
+            auth: Authenticator = BasicAuth(integration.password)
         else:
             auth = XOAuth2Auth(BrokerTokens(self._broker, integration.id))
-        factory = self._factory or SmtpSession
+        factory: SessionFactory = self._factory or SmtpSession
         return factory(
             integration.smtp, username=integration.username, auth=auth, ssl_context=self._ssl_context
         )
@@ -152,7 +160,7 @@ class SessionPool:
             logger.debug("closing an SMTP session failed", extra={"why": type(exc).__name__})
         self._release(entry.slot)
 
-    def _release(self, slot: Any) -> None:
+    def _release(self, slot: ConnectionSlot | None) -> None:
         if slot is None or self._governor is None:
             return
         try:

@@ -78,7 +78,7 @@ def _run(smtp: smtplib.SMTP, mechanism: str, respond: Callable[..., str]) -> Non
 class XOAuth2Auth:
     """SASL XOAUTH2 with tokens from ``token_provider(force_refresh) -> access token``."""
 
-    mechanisms = ("XOAUTH2",)
+    mechanisms: tuple[str, ...] = ("XOAUTH2",)
     refreshable = True
 
     def __init__(self, token_provider: Callable[[bool], str]) -> None:
@@ -111,7 +111,7 @@ class XOAuth2Auth:
 class BasicAuth:
     """AUTH PLAIN, or LOGIN when the server does not offer PLAIN."""
 
-    mechanisms = ("PLAIN", "LOGIN")
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     refreshable = False
 
     def __init__(self, password: SecretStr | str) -> None:

@@ -13,14 +13,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mailbroker.errors import AwsUnavailable, InvalidIntegration, TokenError, TokenUnavailable
 from mailbroker.integrations import BasicIntegration
 from mailbroker.observability import logger
-from mailbroker.tokens.model import AccessToken, CachedToken, RefreshPolicy, fingerprint
+from mailbroker.tokens.model import AccessToken, CachedToken, RefreshPolicy, Source, fingerprint
 from mailbroker.tokens.providers import TokenProviders, identity_of
 from mailbroker.tokens.store import StoredState, TokenStore
+
+if TYPE_CHECKING:
+    from mailbroker.integrations import Integration
+    from mailbroker.seams import IntegrationSource
 
 # After a permanent failure (invalid_grant, invalid_client), environments leave the provider alone
 # this long and answer the same error, so a broken credential costs one call, not one per caller.
@@ -32,7 +36,7 @@ MIN_FORCE_INTERVAL = 10.0
 class TokenBroker:
     def __init__(
         self,
-        integrations: Any,
+        integrations: IntegrationSource,
         store: TokenStore,
         providers: TokenProviders,
         *,
@@ -69,7 +73,7 @@ class TokenBroker:
         )
 
     def token_for_integration(
-        self, integration: Any, *, force_refresh: bool = False, rejected_token: str | None = None
+        self, integration: Integration, *, force_refresh: bool = False, rejected_token: str | None = None
     ) -> AccessToken:
         if isinstance(integration, BasicIntegration):
             raise InvalidIntegration(
@@ -91,7 +95,7 @@ class TokenBroker:
                 self._memory.pop(key, None)
             return self._from_store_or_provider(integration, key, identity.label, force_refresh, rejected)
 
-    def stored(self, integration: Any) -> CachedToken | None:
+    def stored(self, integration: Integration) -> CachedToken | None:
         """The token DynamoDB holds for the integration now (for health records), if any."""
         return self.store.read(identity_of(integration).key).token
 
@@ -101,7 +105,7 @@ class TokenBroker:
     # ---------------------------------------------------------------------------------------------
 
     def _from_store_or_provider(
-        self, integration: Any, key: str, label: str, force: bool, rejected: str | None
+        self, integration: Integration, key: str, label: str, force: bool, rejected: str | None
     ) -> AccessToken:
         deadline = self._clock() + self.lease_wait
         pause = 0.02
@@ -135,7 +139,7 @@ class TokenBroker:
             self._sleep(pause)
             pause = min(pause * 2, 0.25)
 
-    def _refresh(self, integration: Any, key: str, label: str) -> AccessToken:
+    def _refresh(self, integration: Integration, key: str, label: str) -> AccessToken:
         started = self._clock()
         try:
             issued = self.providers.fetch(integration)
@@ -204,7 +208,7 @@ class TokenBroker:
             return self._locks.setdefault(key, threading.Lock())
 
 
-def _answer(token: CachedToken, source: Any) -> AccessToken:
+def _answer(token: CachedToken, source: Source) -> AccessToken:
     return AccessToken(token.access_token, expires_at=token.expires_at, source=source)
 
 

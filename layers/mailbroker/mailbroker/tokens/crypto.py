@@ -86,9 +86,10 @@ class TokenCipher:
             )
         except Exception as exc:
             raise AwsUnavailable(f"KMS Decrypt failed: {type(exc).__name__}") from exc
+        plaintext: bytes = answer["Plaintext"]
         with self._lock:
-            self._remember(encrypted, answer["Plaintext"])
-        return answer["Plaintext"]
+            self._remember(encrypted, plaintext)
+        return plaintext
 
     def _remember(self, encrypted: bytes, plaintext: bytes) -> None:
         self._known[encrypted] = plaintext
