@@ -35,10 +35,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbroker.dynamodb import Table, integer, num, number
 from mailbroker.errors import AwsUnavailable
+
+if TYPE_CHECKING:
+    from mailbroker.integrations import Limits
 
 _ATTEMPTS = 30  # conditional-write rounds before a contended caller is told to come back shortly
 _CONTENDED_RETRY = 1.0
@@ -100,7 +103,7 @@ class SendGovernor:
     # ------------------------------------------------------------------ connections
 
     def open_connection(
-        self, integration_id: str, limits: Any, *, holder: str, lease_seconds: float
+        self, integration_id: str, limits: Limits, *, holder: str, lease_seconds: float
     ) -> ConnectionSlot:
         """Take one of the integration's connection slots for ``lease_seconds``, or raise
         :class:`GovernorDelay`. Release it with :meth:`release_connection`."""
@@ -142,7 +145,7 @@ class SendGovernor:
 
     # ------------------------------------------------------------------ messages
 
-    def take_message(self, integration_id: str, limits: Any, recipients: int = 1) -> None:
+    def take_message(self, integration_id: str, limits: Limits, recipients: int = 1) -> None:
         """Count one message to ``recipients`` recipients against the integration's rate and
         daily cap, or raise :class:`GovernorDelay` without counting anything."""
         per_day = limits.recipients_per_day
