@@ -107,15 +107,7 @@ def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
         else {"id": args.id, "provider": "google", "smtp": {"host": "smtp.gmail.com", "port": 587}}
     )
     if args.client_secrets:
-        config = read_json(args.client_secrets)
-        if not isinstance(config, dict):
-            raise CliError(f"{args.client_secrets} is not an OAuth client JSON object")
-        section = config.get("installed") or config.get("web") or {}
-        for key in ("client_id", "client_secret", "token_uri"):
-            if section.get(key):
-                document[key] = section[key]
-        if section.get("auth_uri") and not args.auth_uri:
-            args.auth_uri = section["auth_uri"]
+        _read_client_secrets(args, document)
     for key in ("client_id", "client_secret", "username", "token_uri"):
         value = getattr(args, key)
         if value == "-" and key == "client_secret":
@@ -143,6 +135,19 @@ def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
             "with --username.",
         )
     return document
+
+
+def _read_client_secrets(args: argparse.Namespace, document: dict[str, object]) -> None:
+    """The OAuth client from Google Cloud console's JSON download (``installed`` or ``web``)."""
+    config = read_json(args.client_secrets)
+    if not isinstance(config, dict):
+        raise CliError(f"{args.client_secrets} is not an OAuth client JSON object")
+    section = config.get("installed") or config.get("web") or {}
+    for key in ("client_id", "client_secret", "token_uri"):
+        if section.get(key):
+            document[key] = section[key]
+    if section.get("auth_uri") and not args.auth_uri:
+        args.auth_uri = section["auth_uri"]
 
 
 def authorization_uri_for(token_uri: str) -> str:

@@ -6,8 +6,9 @@ import argparse
 import getpass
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from mailbroker.errors import InvalidIntegration, UnknownIntegration
 from mailbroker.integrations import parse_integration
@@ -154,37 +155,51 @@ def build_document(args: argparse.Namespace, stdin: Any = None) -> dict[str, Any
         "username", "tenant_id", "client_id", "client_secret_expires_at", "authority", "scope",
         "token_uri", "token_url", "subject",
     )  # fmt: skip
-    for name in simple:
-        value = getattr(args, name, None)
-        if value is not None:
-            data[name] = value
-    smtp = dict(data.get("smtp") or {})
-    if args.smtp_host:
-        smtp["host"] = args.smtp_host
-    if args.smtp_port:
-        smtp["port"] = args.smtp_port
-    if args.security:
-        smtp["security"] = args.security
-    if "host" not in smtp and provider in DEFAULT_SMTP:
-        smtp["host"] = DEFAULT_SMTP[provider]
-    if smtp:
-        data["smtp"] = smtp
+    data.update({name: value for name in simple if (value := getattr(args, name, None)) is not None})
+    _merge(data, "smtp", _smtp_flags(args, data, provider))
     if args.sender:
         data["senders"] = [parse_sender(s) for s in args.sender]
     if args.usage:
         data["usage"] = args.usage
-    limits = dict(data.get("limits") or {})
-    if args.messages_per_minute:
-        limits["messages_per_minute"] = args.messages_per_minute
-    if args.max_connections:
-        limits["max_connections"] = args.max_connections
-    if limits:
-        data["limits"] = limits
+    limits = {"messages_per_minute": args.messages_per_minute, "max_connections": args.max_connections}
+    _merge(data, "limits", {name: value for name, value in limits.items() if value})
     if args.smtp_check:
         data["smtp_check"] = True
     if args.service_account_file:
         data["service_account_info"] = read_json(args.service_account_file, stdin)
         data.setdefault("subject", data.get("username"))
+    _add_secrets(data, args, provider, stdin)
+    return data
+
+
+def _smtp_flags(args: argparse.Namespace, data: Mapping[str, object], provider: str) -> dict[str, object]:
+    """--smtp-host, --smtp-port and --security as given, and the provider's host when none is."""
+    flags = {"host": args.smtp_host, "port": args.smtp_port, "security": args.security}
+    smtp = {name: value for name, value in flags.items() if value}
+    if "host" not in smtp and not _has_host(data.get("smtp")) and provider in DEFAULT_SMTP:
+        smtp["host"] = DEFAULT_SMTP[provider]
+    return smtp
+
+
+def _has_host(smtp: object) -> bool:
+    return isinstance(smtp, dict) and "host" in smtp
+
+
+def _merge(data: dict[str, object], name: str, values: Mapping[str, object]) -> None:
+    """``values`` over the file's object ``name``, which is kept when no flag changes it (and kept
+    as it is when it is not an object, for validation to name)."""
+    given = data.get(name)
+    if given is not None and not isinstance(given, dict):
+        return
+    merged = {**(given or {}), **values}
+    if merged:
+        data[name] = merged
+
+
+def _add_secrets(
+    data: dict[str, object], args: argparse.Namespace, provider: str, stdin: TextIO | None
+) -> None:
+    """Secrets from their flags ('-' reads one line from stdin), else asked for on a terminal."""
     for name in SECRET_FLAGS:
         value = getattr(args, name, None)
         if value == "-":
@@ -194,7 +209,6 @@ def build_document(args: argparse.Namespace, stdin: Any = None) -> dict[str, Any
     for name in REQUIRED_SECRETS.get(provider, ()):
         if not data.get(name) and sys.stdin.isatty():
             data[name] = getpass.getpass(f"{SECRET_FLAGS[name]} for {data['id']}: ")
-    return data
 
 
 def parse_sender(text: str) -> dict[str, str]:

@@ -94,53 +94,68 @@ def status_store(ctx: Context) -> MessageStatusStore:
 
 
 def build_message(args: argparse.Namespace) -> dict[str, Any]:
+    """The message JSON from --file, overridden by the flags given."""
     message: dict[str, Any] = {}
     if args.file:
         message = read_json(args.file)
         if not isinstance(message, dict):
             raise CliError(f"{args.file} does not hold a JSON object")
-    if args.integration:
-        message["integration"] = args.integration
-    if args.id:
-        message["id"] = args.id
-    if args.sender:
-        message["from"] = parse_sender(args.sender)
-    for field in ("to", "cc", "bcc"):
-        values = getattr(args, field)
-        if values:
-            message[field] = [parse_sender(v) for v in values]
-    if args.reply_to:
-        message["reply_to"] = args.reply_to
+    message.update(_addressing(args))
     if args.subject is not None:
         message["subject"] = args.subject
     for field in ("text", "html"):
         value = getattr(args, field)
         if value is not None:
             message[field] = Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
-    if args.usage:
-        message["usage"] = args.usage
     if args.header:
-        headers = dict(message.get("headers") or {})
-        for item in args.header:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise CliError(f"--header {item!r} is not NAME=VALUE")
-            headers[name.strip()] = value
-        message["headers"] = headers
-    for path in args.attach or []:
-        file = Path(path)
-        try:
-            content = file.read_bytes()
-        except OSError as exc:
-            raise CliError(f"cannot read {path}: {exc.strerror}") from None
-        message.setdefault("attachments", []).append(
-            {
-                "filename": file.name,
-                "content_type": mimetypes.guess_type(file.name)[0] or "application/octet-stream",
-                "content": base64.b64encode(content).decode("ascii"),
-            }
-        )
+        message["headers"] = _headers(dict(message.get("headers") or {}), args.header)
+    attachments = [_attachment(path) for path in args.attach or []]
+    if attachments:
+        message["attachments"] = [*message.get("attachments", []), *attachments]
     return message
+
+
+def _addressing(args: argparse.Namespace) -> dict[str, object]:
+    """Integration, id, usage and the addresses, for the flags that were given."""
+    fields: dict[str, object] = {
+        name: value
+        for name, value in (
+            ("integration", args.integration),
+            ("id", args.id),
+            ("reply_to", args.reply_to),
+            ("usage", args.usage),
+        )
+        if value
+    }
+    if args.sender:
+        fields["from"] = parse_sender(args.sender)
+    for field in ("to", "cc", "bcc"):
+        values = getattr(args, field)
+        if values:
+            fields[field] = [parse_sender(v) for v in values]
+    return fields
+
+
+def _headers(headers: dict[str, str], items: list[str]) -> dict[str, str]:
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--header {item!r} is not NAME=VALUE")
+        headers[name.strip()] = value
+    return headers
+
+
+def _attachment(path: str) -> dict[str, str]:
+    file = Path(path)
+    try:
+        content = file.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    return {
+        "filename": file.name,
+        "content_type": mimetypes.guess_type(file.name)[0] or "application/octet-stream",
+        "content": base64.b64encode(content).decode("ascii"),
+    }
 
 
 def send_message(args: argparse.Namespace, ctx: Context, out: Output) -> int:
@@ -194,7 +209,8 @@ def message_status(args: argparse.Namespace, ctx: Context, out: Output) -> int:
     return show_record(out, record, args.id)
 
 
-def show_record(out: Output, record: Any, message_id: str) -> int:
+# One optional line per field of the status record, in the order an operator reads them.
+def show_record(out: Output, record: Any, message_id: str) -> int:  # noqa: C901
     if record is None:
         out.error(
             "timeout", f"message {message_id} has no final status yet", "Look again: mailbroker status ID"

@@ -217,27 +217,33 @@ def load_template(path: str | Path = "template.yaml") -> dict[str, Any]:
 
 def references(value: Any) -> set[str]:
     """Every name ``value`` refers to through Ref, GetAtt or Sub: resources, parameters, pseudo ones."""
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, arg),) = value.items()
+        direct = _intrinsic_references(key, arg)
+        if direct is not None:
+            return direct
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     found: set[str] = set()
-    if isinstance(value, list):
-        for item in value:
-            found |= references(item)
-    elif isinstance(value, dict):
-        if len(value) == 1:
-            ((key, arg),) = value.items()
-            if key == "Ref" and isinstance(arg, str):
-                return {arg}
-            if key == "Fn::GetAtt":
-                target = arg[0] if isinstance(arg, list) else str(arg).split(".", 1)[0]
-                return {target}
-            if key == "Fn::Sub":
-                text, variables = (arg, {}) if isinstance(arg, str) else (arg[0], arg[1])
-                for name in _SUB_VARIABLE.findall(text):
-                    if not name.startswith("!") and name not in variables:
-                        found.add(name.split(".", 1)[0])
-                return found | references(variables)
-        for item in value.values():
-            found |= references(item)
+    for item in items:
+        found |= references(item)
     return found
+
+
+def _intrinsic_references(key: str, arg: Any) -> set[str] | None:
+    """The names one intrinsic function refers to; None when ``key`` is not Ref, GetAtt or Sub."""
+    if key == "Ref" and isinstance(arg, str):
+        return {arg}
+    if key == "Fn::GetAtt":
+        return {arg[0] if isinstance(arg, list) else str(arg).split(".", 1)[0]}
+    if key == "Fn::Sub":
+        text, variables = (arg, {}) if isinstance(arg, str) else (arg[0], arg[1])
+        found = {
+            name.split(".", 1)[0]
+            for name in _SUB_VARIABLE.findall(text)
+            if not name.startswith("!") and name not in variables
+        }
+        return found | references(variables)
+    return None
 
 
 _SUB_VARIABLE = re.compile(r"\$\{([^}]+)\}")

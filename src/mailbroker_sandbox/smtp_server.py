@@ -912,14 +912,7 @@ class _SandboxSMTP(SMTP):
                 await self._reader.read(1)
             self._hang_up()
             return
-        refusal = None
-        session = self._session()
-        if not session.host_name:
-            refusal = "503 5.5.1 Error: send EHLO first"
-        elif not session.authenticated:
-            refusal = self._auth_refusal()
-        elif not envelope.rcpt_tos:
-            refusal = "503 5.5.1 Error: need RCPT command"
+        refusal = self._bdat_refusal(envelope)
         received = len(envelope.chunks or b"")
         keep = refusal is None and received + size <= self.sandbox.size_limit
         chunk = await self._read_octets(size, keep=keep)
@@ -937,6 +930,17 @@ class _SandboxSMTP(SMTP):
             await self.push(f"250 2.0.0 {size} octets received")
             return
         await self._end_of_data(bytes(envelope.chunks))
+
+    def _bdat_refusal(self, envelope: _Envelope) -> str | None:
+        """Why a BDAT chunk cannot be taken in this state of the dialogue, if it cannot."""
+        session = self._session()
+        if not session.host_name:
+            return "503 5.5.1 Error: send EHLO first"
+        if not session.authenticated:
+            return self._auth_refusal()
+        if not envelope.rcpt_tos:
+            return "503 5.5.1 Error: need RCPT command"
+        return None
 
     async def _read_octets(self, size: int, *, keep: bool) -> bytes:
         kept = bytearray()
@@ -974,7 +978,8 @@ class _SandboxSMTP(SMTP):
         return all(sender.casefold() in mailbox.send_as for sender in senders)
 
 
-def _token_refusal(claims: dict[str, Any] | None, mailbox: _Mailbox) -> str | None:
+# The server's reasons to refuse a bearer token, in the order it checks them, one return each.
+def _token_refusal(claims: dict[str, Any] | None, mailbox: _Mailbox) -> str | None:  # noqa: C901
     """Why a bearer token may not authenticate as ``mailbox`` (None: it may)."""
     if not claims or claims.get("active") is not True:
         return "token unknown or inactive"

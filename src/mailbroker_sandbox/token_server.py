@@ -671,7 +671,8 @@ class TokenServer:
 
     # routing
 
-    def _handle(self, req: _Request) -> _Reply:
+    # One branch per route the stand-in serves, read top to bottom like a route table.
+    def _handle(self, req: _Request) -> _Reply:  # noqa: C901
         if req.method == "GET":
             if match := _MS_DISCOVERY.fullmatch(req.path):
                 return self._ms_openid_configuration(match["tenant"])
@@ -718,7 +719,8 @@ class TokenServer:
             return self._ms_error(400, "invalid_request", 900144, text, req)
         return _Reply(400, {"error": "invalid_request", "error_description": text})
 
-    def _fault_reply(self, fault: _Fault, provider: str, req: _Request) -> _Reply:
+    # One branch per kind of injected fault, each the reply that provider gives for it.
+    def _fault_reply(self, fault: _Fault, provider: str, req: _Request) -> _Reply:  # noqa: C901
         if fault.answer is not None:
             answer = fault.answer
             if provider == "microsoft" and answer.aadsts is not None:
@@ -909,7 +911,8 @@ class TokenServer:
         jwk.update({"use": "sig", "kid": self._key_id, "x5t": self._key_id, "alg": "RS256"})
         return jwk
 
-    def _microsoft_token(self, req: _Request, tenant: str) -> _Reply:
+    # Entra ID's refusals in the order it checks them, each one early return with its AADSTS code.
+    def _microsoft_token(self, req: _Request, tenant: str) -> _Reply:  # noqa: C901
         form = req.form
         grant_type = form.get("grant_type")
         if not grant_type:
@@ -1161,7 +1164,8 @@ class TokenServer:
         body.update({"access_token": token, "expires_in": _number(lifetime)})
         return _Reply(200, body)
 
-    def _google_jwt_bearer(self, req: _Request) -> _Reply:
+    # Google's refusals of a JWT bearer assertion in the order it checks them, one return each.
+    def _google_jwt_bearer(self, req: _Request) -> _Reply:  # noqa: C901
         assertion = req.form.get("assertion")
         if not assertion:
             return _google_error(400, "invalid_request", "Missing required parameter: assertion")

@@ -167,7 +167,9 @@ class Delivery:
             )
             return self.outcomes.give_up(item, attempt, internal_error(exc))
 
-    def _deliver(self, item: QueuedRecord, attempt: Attempt) -> str:
+    def _parse(self, item: QueuedRecord, attempt: Attempt) -> OutgoingMessage:
+        """The record's message, with its id; an invalid one is raised after its record is read,
+        under the id and integration it declares."""
         try:
             message = parse_message(item.body)
         except InvalidMessage:
@@ -177,8 +179,10 @@ class Delivery:
             raise
         attempt.message_id = message.id or item.sqs_message_id
         attempt.integration_id = message.integration
-        if message.id is None:
-            message = message.with_id(attempt.message_id)
+        return message if message.id is not None else message.with_id(attempt.message_id)
+
+    def _deliver(self, item: QueuedRecord, attempt: Attempt) -> str:
+        message = self._parse(item, attempt)
         self._load(attempt)
         if self._already_handled(item, attempt):
             return "duplicate"

@@ -128,6 +128,30 @@ class _Wire:
 def run_transaction(smtp: smtplib.SMTP, tx: Transaction, *, pipelining: bool, chunking: bool) -> Outcome:
     """Send one message. Returns the outcome, or raises ``SmtpFailure`` (classified) or
     ``ConnectionLost``."""
+    steps, final = _commands(tx, chunking=chunking)
+    wire = _Wire(smtp)
+    if pipelining:
+        _send_envelope_pipelined(wire, steps, final, chunking=chunking)
+    else:
+        _send_envelope_in_turn(wire, steps, final, chunking=chunking)
+    reply = final.reply
+    assert reply is not None
+    if not chunking:
+        reply = _send_data_body(smtp, wire, tx, reply)
+    if not _positive(reply):
+        raise classify_smtp_reply(reply, "body")
+    rcpt_steps = [(s.rcpt, s.reply) for s in steps if s.rcpt is not None and s.reply is not None]
+    return Outcome(
+        reply=reply,
+        accepted=[rcpt for rcpt, r in rcpt_steps if _positive(r)],
+        refused={rcpt: r for rcpt, r in rcpt_steps if not _positive(r)},
+        round_trips=wire.round_trips,
+    )
+
+
+def _commands(tx: Transaction, *, chunking: bool) -> tuple[list[_Step], _Step]:
+    """The envelope's commands (RSET, MAIL, one RCPT per recipient) and the final one: DATA, or
+    with CHUNKING one BDAT LAST carrying the whole body."""
     encoding = "utf-8" if tx.utf8 else "ascii"
     params = "".join(f" {p}" for p in tx.mail_params)
     steps = [_Step("rset", b"RSET\r\n")] if tx.reset else []
@@ -138,56 +162,50 @@ def run_transaction(smtp: smtplib.SMTP, tx: Transaction, *, pipelining: bool, ch
         if chunking
         else _Step("data", b"DATA\r\n")
     )
+    return steps, final
 
-    wire = _Wire(smtp)
-    if pipelining:
-        wire.write(b"".join(s.command for s in (*steps, final)), final.stage if chunking else steps[0].stage)
-        wire.body_sent = chunking
-        for step in (*steps, final):
-            step.reply = wire.read(step.stage)
-            if step.reply.code == 421:
-                raise classify_smtp_reply(step.reply, step.stage)
-        failure = _envelope_failure(steps)
-        if failure is not None:
-            if final.reply is not None and final.reply.code == 354:
-                # DATA was accepted without a recipient: end it with an empty message.
-                wire.write(b".\r\n", "data")
-                wire.read("data")
-            raise failure
-    else:
-        for step in steps:
-            wire.write(step.command, step.stage)
-            step.reply = wire.read(step.stage)
-            if step.reply.code == 421 or (step.stage != "rcpt" and not _positive(step.reply)):
-                raise classify_smtp_reply(step.reply, step.stage)
-        failure = _envelope_failure(steps)
-        if failure is not None:
-            raise failure
-        wire.write(final.command, final.stage)
-        wire.body_sent = chunking
-        final.reply = wire.read(final.stage)
 
-    reply = final.reply
-    assert reply is not None
-    if not chunking:
-        if reply.code != 354:
-            raise classify_smtp_reply(reply, "data")
-        if peer_has_spoken(smtp):
-            raise wire.lost(
-                "data", smtplib.SMTPServerDisconnected("the server spoke or closed before the body")
-            )
-        wire.write(data_body(tx.data), "body")
-        wire.body_sent = True
-        reply = wire.read("body")
-    if not _positive(reply):
-        raise classify_smtp_reply(reply, "body")
-    rcpt_steps = [(s.rcpt, s.reply) for s in steps if s.rcpt is not None and s.reply is not None]
-    return Outcome(
-        reply=reply,
-        accepted=[rcpt for rcpt, r in rcpt_steps if _positive(r)],
-        refused={rcpt: r for rcpt, r in rcpt_steps if not _positive(r)},
-        round_trips=wire.round_trips,
-    )
+def _send_envelope_pipelined(wire: _Wire, steps: list[_Step], final: _Step, *, chunking: bool) -> None:
+    """Every command in one write (RFC 2920), then every reply in order."""
+    wire.write(b"".join(s.command for s in (*steps, final)), final.stage if chunking else steps[0].stage)
+    wire.body_sent = chunking
+    for step in (*steps, final):
+        step.reply = wire.read(step.stage)
+        if step.reply.code == 421:
+            raise classify_smtp_reply(step.reply, step.stage)
+    failure = _envelope_failure(steps)
+    if failure is not None:
+        if final.reply is not None and final.reply.code == 354:
+            # DATA was accepted without a recipient: end it with an empty message.
+            wire.write(b".\r\n", "data")
+            wire.read("data")
+        raise failure
+
+
+def _send_envelope_in_turn(wire: _Wire, steps: list[_Step], final: _Step, *, chunking: bool) -> None:
+    """One command, one reply; the final command only once a recipient was accepted."""
+    for step in steps:
+        wire.write(step.command, step.stage)
+        step.reply = wire.read(step.stage)
+        if step.reply.code == 421 or (step.stage != "rcpt" and not _positive(step.reply)):
+            raise classify_smtp_reply(step.reply, step.stage)
+    failure = _envelope_failure(steps)
+    if failure is not None:
+        raise failure
+    wire.write(final.command, final.stage)
+    wire.body_sent = chunking
+    final.reply = wire.read(final.stage)
+
+
+def _send_data_body(smtp: smtplib.SMTP, wire: _Wire, tx: Transaction, reply: SmtpReply) -> SmtpReply:
+    """After DATA's 354: the dot-stuffed body and its final reply."""
+    if reply.code != 354:
+        raise classify_smtp_reply(reply, "data")
+    if peer_has_spoken(smtp):
+        raise wire.lost("data", smtplib.SMTPServerDisconnected("the server spoke or closed before the body"))
+    wire.write(data_body(tx.data), "body")
+    wire.body_sent = True
+    return wire.read("body")
 
 
 def _positive(reply: SmtpReply) -> bool:
