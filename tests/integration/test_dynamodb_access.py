@@ -246,3 +246,106 @@ class _Response:
         self.headers: dict[str, str] = {}
         self.content = b""
         self.text = ""
+
+
+# ---------------------------------------------------------------- claiming an id in one write
+
+
+def count_requests(client: Any) -> list[str]:
+    """The operations ``client`` sends from now on, in order."""
+    sent: list[str] = []
+    client.meta.events.register("before-call.dynamodb", lambda model, **_: sent.append(model.name))
+    return sent
+
+
+def as_stored(record: Any) -> dict[str, Any] | None:
+    """A status record as its item (times to the millisecond, as stored)."""
+    from mailbroker.messages.status import _to_item
+
+    return None if record is None else _to_item(record)
+
+
+def test_update_or_current_answers_the_item_before_or_the_item_that_refused(table: Table) -> None:
+    key = f"item-{uuid.uuid4().hex}"
+
+    assert table.update_or_current(
+        key, "SET n = :one", condition="attribute_not_exists(pk)", values={":one": {"N": "1"}}
+    ) == (True, None)
+    written, before = table.update_or_current(
+        key, "SET n = :two", condition="n = :one", values={":one": {"N": "1"}, ":two": {"N": "2"}}
+    )
+    assert written and before is not None and before["n"] == {"N": "1"}
+    refused, current = table.update_or_current(
+        key, "SET n = :three", condition="n = :one", values={":one": {"N": "1"}, ":three": {"N": "3"}}
+    )
+    assert not refused and current is not None and current["n"] == {"N": "2"}
+
+
+@pytest.mark.parametrize("earlier", ["none", "queued", "retrying"])
+def test_a_new_queued_or_retrying_id_is_claimed_in_one_request_as_start_sending_would(
+    earlier: str, dynamodb: Any, table: Table, tables: dict[str, str]
+) -> None:
+    from mailbroker.messages.status import MessageStatusStore
+
+    store = MessageStatusStore(dynamodb, tables["MessageTable"], window_seconds=3600)
+    message_id = f"claim-{uuid.uuid4().hex}"
+    seen = None
+    if earlier != "none":
+        seen = store.queue(message_id, "m365", None)
+    if earlier == "retrying":
+        error = {"code": "smtp_transient", "message": "busy", "hint": "wait"}
+        seen = store.retrying(message_id, "m365", seen, error=error, attempts=1, next_attempt_at=1e10)
+    sent = count_requests(dynamodb)
+
+    before, claimed = store.claim(message_id, "m365", holder="env-a", lease_seconds=60)
+
+    assert sent == ["UpdateItem"]
+    assert as_stored(before) == as_stored(seen)
+    assert claimed.status == "sending" and claimed.lease_owner == "env-a"
+    assert claimed.attempts == (1 if earlier == "retrying" else 0)
+    assert table.get("msg#" + message_id) == as_stored(claimed)  # what the caller keeps is stored
+    assert (claimed.last_error is not None) == (earlier == "retrying")
+    # and the next write on its version holds: the record is exactly the one stored
+    store.sent(message_id, "m365", claimed, reply="250 ok", refused=[])
+    assert store.load(message_id).version == claimed.version + 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("state", ["sent", "sending", "failed"])
+def test_a_claim_that_does_not_hold_answers_the_stored_record_without_a_read(
+    state: str, dynamodb: Any, tables: dict[str, str]
+) -> None:
+    from mailbroker.messages.status import ClaimRefused, MessageStatusStore
+
+    store = MessageStatusStore(dynamodb, tables["MessageTable"], window_seconds=3600)
+    message_id = f"claim-{uuid.uuid4().hex}"
+    seen = store.start_sending(message_id, "m365", None, holder="env-a", lease_seconds=60)
+    if state == "sent":
+        seen = store.sent(message_id, "m365", seen, reply="250 ok", refused=[])
+    elif state == "failed":
+        error = {"code": "smtp_rejected", "message": "no", "hint": "fix"}
+        seen = store.failed(message_id, "m365", seen, error=error, attempts=1)
+    sent = count_requests(dynamodb)
+
+    with pytest.raises(ClaimRefused) as refused:
+        store.claim(message_id, "m365", holder="env-b", lease_seconds=60)
+
+    assert sent == ["UpdateItem"]
+    assert as_stored(refused.value.current) == as_stored(seen)
+    assert as_stored(store.load(message_id)) == as_stored(seen)  # nothing written
+
+
+def test_a_record_past_its_window_is_not_claimed_blind(dynamodb: Any, tables: dict[str, str]) -> None:
+    from mailbroker.messages.status import ClaimRefused, MessageStatusStore
+
+    clock = {"now": 1_800_000_000.0}
+    store = MessageStatusStore(
+        dynamodb, tables["MessageTable"], window_seconds=60, clock=lambda: clock["now"]
+    )
+    message_id = f"claim-{uuid.uuid4().hex}"
+    queued = store.queue(message_id, "m365", None)
+    clock["now"] += 120  # the window ended; DynamoDB has not deleted the item yet
+
+    with pytest.raises(ClaimRefused) as refused:
+        store.claim(message_id, "m365", holder="env-a", lease_seconds=60)
+
+    assert as_stored(refused.value.current) == as_stored(queued)

@@ -278,6 +278,50 @@ def test_a_batch_of_ten_to_one_integration_uses_one_connection_and_one_auth(pipe
     assert all(pipeline.status(m["id"])["status"] == "sent" for m in messages)
 
 
+def test_a_queued_batch_of_ten_costs_at_most_three_dynamodb_requests_a_message(
+    pipeline: MailPipeline,
+) -> None:
+    # Given ten messages queued as the API queues them (a "queued" record each), tokens warm,
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600})
+    messages = [pipeline.message(integration) for _ in range(10)]
+    for m in messages:
+        pipeline.statuses.queue(m["id"], integration, None)
+    runtime.token_broker().token_for(integration)
+    requests: list[str] = []
+    runtime.aws_client("dynamodb").meta.events.register(
+        "before-call.dynamodb", lambda model, **_: requests.append(model.name), unique_id="count"
+    )
+
+    # when the sender delivers them in one batch,
+    assert pipeline.deliver(*messages) == []
+
+    # then each was claimed and recorded in one write apiece; the pace and the connection slot
+    # cost a read and a write (and a release) for the whole batch.
+    assert len(pipeline.smtp.accepted) == 10
+    assert all(pipeline.status(m["id"])["status"] == "sent" for m in messages)
+    assert len(requests) <= 30, requests
+    assert requests.count("GetItem") == 2  # the pace and the connection slot, once each
+
+
+def test_places_in_the_pace_the_batch_did_not_use_are_given_back(pipeline: MailPipeline) -> None:
+    # Given an integration at 30 a minute (a full bucket: a burst of 3) and two ids already sent,
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 30})
+    duplicates = [pipeline.message(integration) for _ in range(2)]
+    for m in duplicates:
+        claimed = pipeline.statuses.start_sending(m["id"], integration, None, holder="x", lease_seconds=60)
+        pipeline.statuses.sent(m["id"], integration, claimed, reply="250 ok", refused=[])
+
+    # when one batch brings a new message and copies of the two sent ones,
+    assert pipeline.deliver(pipeline.message(integration), *duplicates) == []
+
+    # then the batch took the three places at once, sent one message, and gave two back.
+    assert len(pipeline.smtp.accepted) == 1
+    bucket = pipeline.stack.client("dynamodb").get_item(
+        TableName=pipeline.env["MESSAGE_TABLE"], Key={"pk": {"S": f"gov#{integration}#rate"}}
+    )["Item"]
+    assert float(bucket["tokens"]["N"]) == pytest.approx(2.0)
+
+
 def test_a_batch_paced_by_the_governor_waits_on_its_connection_instead_of_requeueing(
     pipeline: MailPipeline,
 ) -> None:

@@ -322,6 +322,109 @@ def test_shorter_slow_down_does_not_cut_an_open_window_short(governor, clock):
         governor.open_connection("m365", M365, holder="b", lease_seconds=60)
 
 
+# ---------------------------------------------------------------- a batch's places at once
+
+
+def test_a_batch_takes_as_many_places_as_the_bucket_holds_in_one_write(governor, dynamodb):
+    grant = governor.take_messages("m365", M365, 10)
+
+    assert grant.granted == 3  # the burst of 30 a minute
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_message("m365", M365)
+    assert delay.value.reason == "rate"
+
+
+def test_a_batch_takes_no_more_places_than_it_wants(governor):
+    grant = governor.take_messages("m365", M365, 2)
+
+    assert grant.granted == 2
+    governor.take_message("m365", M365)  # the third place of the burst is still there
+    with pytest.raises(GovernorDelay):
+        governor.take_message("m365", M365)
+
+
+def test_an_empty_bucket_delays_a_batch_without_taking_anything(governor):
+    governor.take_messages("m365", M365, 3)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_messages("m365", M365, 5)
+
+    assert delay.value.retry_after == pytest.approx(60 / 28)
+
+
+def test_unused_places_given_back_are_there_for_the_next_message(governor):
+    grant = governor.take_messages("m365", M365, 3)
+
+    governor.give_back(grant, 2)
+
+    governor.take_message("m365", M365)
+    governor.take_message("m365", M365)
+    with pytest.raises(GovernorDelay):
+        governor.take_message("m365", M365)
+
+
+def test_places_are_not_given_back_over_another_environments_write(governor, clock):
+    grant = governor.take_messages("m365", M365, 2)
+    another_environment(clock).take_message("m365", M365)
+
+    governor.give_back(grant, 2)
+
+    with pytest.raises(GovernorDelay):
+        governor.take_message("m365", M365)
+
+
+def test_places_are_not_given_back_into_a_slow_down_window(governor):
+    grant = governor.take_messages("m365", M365, 3)
+    governor.slow_down("m365", seconds=60)
+
+    governor.give_back(grant, 3)
+
+    with pytest.raises(GovernorDelay):
+        governor.take_message("m365", M365)
+
+
+@pytest.mark.parametrize("per_minute", [1, 7, 30, 60])
+def test_no_sixty_second_window_holds_more_than_messages_per_minute_taken_by_batches(
+    governor, clock, per_minute
+):
+    limits = Limits(messages_per_minute=per_minute)
+    sent: list[float] = []
+    end = clock.now + 180
+    batch = 0
+    while clock.now < end:
+        batch += 1
+        try:
+            grant = governor.take_messages("mbx", limits, 10)
+        except GovernorDelay as delay:
+            clock.now += delay.retry_after
+            continue
+        used = grant.granted if batch % 3 else grant.granted // 2  # some batches use only part
+        sent.extend([clock.now] * used)
+        governor.give_back(grant, grant.granted - used)
+        clock.now += 0.5
+
+    busiest = max(sum(1 for t in sent if start <= t < start + 60) for start in sent)
+    assert busiest <= per_minute
+
+
+def test_an_integration_without_a_rate_limit_grants_the_whole_batch_without_a_request(governor, dynamodb):
+    grant = governor.take_messages("smtp", Limits(max_connections=2), 10)
+
+    assert grant.granted == 10
+    assert "Item" not in dynamodb.get_item(TableName=TABLE, Key={"pk": {"S": "gov#smtp#rate"}})
+
+
+def test_a_batch_counts_each_messages_recipients_against_the_daily_cap(governor):
+    limits = Limits(recipients_per_day=5)
+    governor.count_recipients("gmail", limits, 3)
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.count_recipients("gmail", limits, 3)
+
+    assert delay.value.reason == "recipients_per_day"
+    governor.count_recipients("gmail", limits, 2)
+
+
 # ---------------------------------------------------------------- many environments at once
 
 
@@ -382,6 +485,26 @@ def test_racing_environments_take_exactly_the_bucket_and_no_more(dynamodb, clock
     limits = Limits(messages_per_minute=100)  # burst of 10; the clock stands still: no refill
 
     assert messages_taken(clock, "m365", limits) == 10
+
+
+def test_racing_batches_take_exactly_the_bucket_and_no_more(dynamodb, clock):
+    limits = Limits(messages_per_minute=100)  # burst of 10; the clock stands still: no refill
+    taken = []
+
+    def sender(n: int) -> None:
+        governor = another_environment(clock)
+        for _ in range(3):
+            try:
+                grant = governor.take_messages("m365", limits, 4)
+            except GovernorDelay:
+                continue
+            taken.append(grant.granted - 1)
+            governor.give_back(grant, 1)  # each batch uses all but one
+
+    race(sender)
+
+    assert sum(taken) <= 10
+    assert sum(taken) >= 5  # the limit held while work got done
 
 
 def test_racing_environments_never_pass_the_daily_recipient_cap(dynamodb, clock):

@@ -103,6 +103,30 @@ class Table:
         attributes: Item = answer.get("Attributes") or {}
         return attributes
 
+    def update_or_current(
+        self,
+        key: str,
+        expression: str,
+        *,
+        condition: str,
+        values: Item | None = None,
+        names: dict[str, str] | None = None,
+    ) -> tuple[bool, Item | None]:
+        """:meth:`update` in one request that also answers the item: ``(True, the item as it was
+        before the update)`` when ``condition`` held, ``(False, the item as it is)`` when it did
+        not (``ReturnValuesOnConditionCheckFailure``), so a conflict needs no second read. An
+        absent item answers None."""
+        request = _conditional(condition, values, names)
+        request["ReturnValues"] = "ALL_OLD"
+        request["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        try:
+            answer = self._call(
+                "UpdateItem", TableName=self.name, Key=_key(key), UpdateExpression=expression, **request
+            )
+        except _ConditionFailed as refused:
+            return False, refused.item
+        return True, answer.get("Attributes") or None
+
     def query(
         self,
         key_condition: str,
@@ -168,7 +192,7 @@ class Table:
         except ClientError as exc:
             code = aws_error_code(exc)
             if code == CONDITION_FAILED:
-                raise _ConditionFailed from None
+                raise _ConditionFailed(exc.response.get("Item") or None) from None
             if code == TABLE_MISSING:
                 raise AwsUnavailable(f"DynamoDB table {self.name!r} does not exist") from exc
             raise aws_failure(exc, f"DynamoDB {operation}{self._purpose}") from exc
@@ -180,7 +204,12 @@ class Table:
 
 
 class _ConditionFailed(Exception):
-    """A conditional write's condition did not hold."""
+    """A conditional write's condition did not hold; ``item`` is the stored item when the request
+    asked for it (``ReturnValuesOnConditionCheckFailure``)."""
+
+    def __init__(self, item: Item | None = None) -> None:
+        super().__init__("the condition did not hold")
+        self.item = item
 
 
 _METHODS = {

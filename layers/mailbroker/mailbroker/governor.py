@@ -69,6 +69,16 @@ class ConnectionSlot:
 
 
 @dataclass(frozen=True)
+class RateGrant:
+    """Places in an integration's pace taken at once by :meth:`SendGovernor.take_messages`;
+    ``version`` is the bucket's version the taking write left (None: no rate limit)."""
+
+    integration_id: str
+    granted: int
+    version: int | None
+
+
+@dataclass(frozen=True)
 class Pace:
     """Messages per second refilled into a bucket holding at most ``burst`` tokens."""
 
@@ -180,6 +190,55 @@ class SendGovernor:
         finally:
             if counted_day is not None:
                 self._uncount_recipients(integration_id, counted_day, recipients)
+
+    def take_messages(self, integration_id: str, limits: Any, wanted: int) -> RateGrant:
+        """Take up to ``wanted`` messages' places in the integration's pace in one conditional
+        write: as many as the bucket holds now (at least one, or :class:`GovernorDelay`). Places
+        a batch does not use go back with :meth:`give_back`. The daily recipient cap is counted
+        per message, with :meth:`count_recipients`."""
+        wanted = max(1, wanted)
+        if not limits.messages_per_minute:
+            return RateGrant(integration_id, wanted, None)
+        key = _rate_key(integration_id)
+        for attempt in range(_ATTEMPTS):
+            now = self._clock()
+            item = self._get(key)
+            pace = Pace.of(limits.messages_per_minute, slowed=number(item, "slow_until") > now)
+            tokens = _refilled(item, pace, now)
+            if tokens < 1.0:
+                raise GovernorDelay((1.0 - tokens) / pace.rate, "rate")
+            granted = min(wanted, math.floor(tokens + 1e-9))
+            version = integer(item, "version")
+            if self._put_versioned(
+                key,
+                version,
+                "SET tokens = :tokens, refilled_at = :now",
+                {":tokens": {"N": _tokens(tokens - granted)}, ":now": {"N": _time(now)}},
+                ttl=now + _TTL_GRACE,
+            ):
+                return RateGrant(integration_id, granted, (version or 0) + 1)
+            self._back_off(attempt)
+        raise GovernorDelay(_CONTENDED_RETRY, "contention")
+
+    def give_back(self, grant: RateGrant, unused: int) -> None:
+        """Return places a batch took and did not use, only if nobody wrote the bucket since:
+        then the bucket is exactly as if they had never been taken. Otherwise they stay taken,
+        which only slows the pace down for a moment (never past the limit)."""
+        if unused <= 0 or grant.version is None:
+            return
+        with contextlib.suppress(AwsUnavailable):
+            self._table.update(
+                _rate_key(grant.integration_id),
+                "SET tokens = tokens + :n",
+                condition="version = :ours",
+                values={":n": {"N": str(unused)}, ":ours": {"N": str(grant.version)}},
+            )
+
+    def count_recipients(self, integration_id: str, limits: Any, recipients: int) -> None:
+        """Count one message's recipients against the daily cap, or raise :class:`GovernorDelay`
+        (nothing counted). Nothing to do when the integration has no daily cap."""
+        if limits.recipients_per_day:
+            self._count_recipients(integration_id, limits.recipients_per_day, recipients, self._clock())
 
     def slow_down(self, integration_id: str, *, seconds: float) -> None:
         """After a throttling reply: for ``seconds``, half the pace and half the connections."""

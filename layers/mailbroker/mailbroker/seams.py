@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import ssl
 
-    from mailbroker.governor import ConnectionSlot
+    from mailbroker.governor import ConnectionSlot, RateGrant
     from mailbroker.health import Alert
     from mailbroker.integrations import Integration, Limits, SmtpEndpoint
     from mailbroker.smtp.transport import SendResult
@@ -63,6 +63,12 @@ class Governor(Protocol):
     def release_connection(self, slot: ConnectionSlot) -> None: ...
 
     def take_message(self, integration_id: str, limits: Limits, recipients: int = 1) -> None: ...
+
+    def take_messages(self, integration_id: str, limits: Limits, wanted: int) -> RateGrant: ...
+
+    def give_back(self, grant: RateGrant, unused: int) -> None: ...
+
+    def count_recipients(self, integration_id: str, limits: Limits, recipients: int) -> None: ...
 
     def slow_down(self, integration_id: str, *, seconds: float) -> None: ...
 

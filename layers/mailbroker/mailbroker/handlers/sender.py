@@ -3,23 +3,30 @@
 Each record goes through :class:`mailbroker.messages.delivery.Delivery`; a record that raises is
 reported as failed and only that record returns to the queue. Records that failed for good have
 already been moved to the dead-letter queue and are reported as done, so SQS deletes them.
+
+Powertools' batch utility and the delivery flow (pydantic models, MIME, the governor) are
+imported by the first batch, not when the module is: the function's cold start pays only for
+what answering Lambda needs.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from typing import TYPE_CHECKING, Any
 
 from mailbroker import runtime
-from mailbroker.messages.delivery import DEFAULT_LEASE_SECONDS, Delivery
 from mailbroker.settings import SenderSettings, get_settings
+
+if TYPE_CHECKING:
+    from mailbroker.messages.delivery import Delivery
 
 LEASE_MARGIN_SECONDS = 60.0
 
 
 def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+
     delivery = build_delivery(get_settings(SenderSettings), context)
+    delivery.expect(event.get("Records") or [])
     # Every record failing is still a partial answer: raising would also fail the records that
     # were dead-lettered on purpose, and count as a function error.
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
@@ -33,6 +40,8 @@ def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 def build_delivery(settings: SenderSettings, context: Any = None) -> Delivery:
+    from mailbroker.messages.delivery import DEFAULT_LEASE_SECONDS, Delivery
+
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     remaining = remaining if callable(remaining) else None
     # Claims and connection slots outlive this invocation by a margin, no more: a sender that

@@ -3,14 +3,20 @@
 ``Delivery.handle_record`` is the batch processor's record handler. For each record it:
 
 1. parses the message (invalid input fails for good: status ``failed``, dead-letter queue);
-2. reads the id's status record: ``sent`` inside the idempotency window means a duplicate (the
+2. checks the integration allows the sender and usage, opens (once per integration per batch)
+   an authenticated SMTP session, asks the send governor for capacity (the batch's places in the
+   integration's pace are taken in one write, :meth:`Delivery.expect`, and the unused given back);
+3. claims the id with one conditional write (status ``sending``) that succeeds on a new, queued
+   or retrying id without reading it first. When it does not hold, the write answers the stored
+   record and the record decides: ``sent`` inside the idempotency window means a duplicate (the
    record is deleted from the queue, nothing is sent); ``sending`` under another sender's live
    lease puts the copy back until the lease ends; ``sending`` whose sender vanished means the
-   message may have been delivered (``delivery_uncertain``: never resent automatically);
-3. checks the integration allows the sender and usage, opens (once per integration per batch)
-   an authenticated SMTP session, asks the send governor for capacity;
-4. claims the id with a conditional write (status ``sending``), sends, records ``sent`` with the
-   server's final reply and any refused recipients.
+   message may have been delivered (``delivery_uncertain``: never resent automatically); a
+   re-driven failure or a record past its window is claimed with a write on the version read;
+4. sends, and records ``sent`` with the server's final reply and any refused recipients.
+
+On the happy path that is two status writes per message, and per batch one governor read and
+write for the pace and, when a session is opened, for the connection slot.
 
 Every failure is a classified :class:`MailbrokerError`. Retryable ones put the message back on
 the queue with the retry schedule's delay (``ChangeMessageVisibility``), status ``retrying``, and
@@ -18,7 +24,9 @@ raise :class:`RetryLater` so the batch reports the record as failed; past the ma
 fail as ``expired``. Permanent ones record ``failed``, move the message to the dead-letter queue
 with the error attached and return normally, so the record is deleted instead of looping. Any
 other exception is a bug: the message fails at once as ``internal_error``, its traceback logged,
-instead of being retried for a day as if AWS were down.
+instead of being retried for a day as if AWS were down. A failure before the claim reads the
+status record then, so its outcome is written on the record as it stands (and a copy of a message
+already sent still ends as a duplicate).
 
 The SQS record and these outcomes are in :mod:`mailbroker.messages.received`; the batch's SMTP
 sessions in :mod:`mailbroker.messages.sessions`.
@@ -29,12 +37,14 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mailbroker.errors import InvalidMessage, MailbrokerError, SmtpFailure
-from mailbroker.governor import GovernorDelay
+from mailbroker.governor import GovernorDelay, RateGrant
 from mailbroker.integrations import context_of
 from mailbroker.messages.mime import build_mime, envelope
 from mailbroker.messages.models import OutgoingMessage, check_allowed, parse_message
@@ -50,7 +60,7 @@ from mailbroker.messages.received import (
 )
 from mailbroker.messages.recipients import Recipients, outstanding, refusals_of, settle
 from mailbroker.messages.sessions import DEFAULT_LEASE_SECONDS, SessionPool
-from mailbroker.messages.status import MessageStatusStore, StatusConflict
+from mailbroker.messages.status import ClaimRefused, MessageStatusStore, StatusConflict
 from mailbroker.observability import integration_metric, logger
 
 if TYPE_CHECKING:
@@ -58,7 +68,7 @@ if TYPE_CHECKING:
 
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-    from mailbroker.integrations import Integration
+    from mailbroker.integrations import Integration, Limits
     from mailbroker.messages.tracking import LinkTracker
     from mailbroker.seams import Governor, IntegrationSource, SessionFactory, TokenSource
     from mailbroker.smtp.transport import SendResult
@@ -73,6 +83,14 @@ DEFAULT_MIN_REMAINING_MS = 20_000
 # of one batch add up to at most the budget.
 DEFAULT_MAX_INLINE_WAIT = 5.0
 DEFAULT_INLINE_WAIT_BUDGET = 30.0
+
+
+@dataclass
+class _Places:
+    """Places in one integration's pace this batch holds and has not used yet."""
+
+    grant: RateGrant
+    left: int
 
 
 class Delivery:
@@ -114,6 +132,8 @@ class Delivery:
         self._sleep = sleep
         self._max_inline_wait = max_inline_wait
         self._inline_budget = inline_wait_budget
+        self._expected: Counter[str] = Counter()  # records of the batch not started, by integration
+        self._places: dict[str, _Places] = {}
         self.sessions = SessionPool(
             token_broker,
             governor=governor,
@@ -133,8 +153,26 @@ class Delivery:
             uniform=uniform,
         )
 
+    def expect(self, records: Iterable[Any]) -> None:
+        """Note how many of the batch's records go to each integration, so the governor is asked
+        once for the batch's places in an integration's pace instead of once per message."""
+        for record in records:
+            integration = QueuedRecord.from_sqs(record).declared("integration")
+            if integration:
+                self._expected[integration] += 1
+
     def close(self) -> None:
-        """QUIT every session the batch opened and release its connection slots."""
+        """Give back the pace the batch took and did not use; QUIT every session the batch
+        opened and release its connection slots."""
+        places, self._places = self._places, {}
+        for held in places.values():
+            if self.governor is None:
+                break
+            try:
+                self.governor.give_back(held.grant, min(held.left, held.grant.granted))
+            except Exception:
+                # Places not given back only slow the pace down until they refill.
+                logger.exception("could not give back unused places in the pace")
         self.sessions.close_all()
 
     # ------------------------------------------------------------------ one record
@@ -154,6 +192,8 @@ class Delivery:
         except MailbrokerError as exc:
             if isinstance(exc, SmtpFailure) and attempt.context:
                 exc.bind(attempt.context)
+            if self._duplicate_after_all(item, attempt):
+                return "duplicate"
             if exc.retryable:
                 return self.outcomes.retry(item, attempt, exc)
             return self.outcomes.give_up(item, attempt, exc)
@@ -165,7 +205,23 @@ class Delivery:
                 "unexpected failure delivering a message",
                 extra={"message_id": attempt.message_id, "integration": attempt.integration_id},
             )
+            if self._duplicate_after_all(item, attempt):
+                return "duplicate"
             return self.outcomes.give_up(item, attempt, internal_error(exc))
+
+    def _duplicate_after_all(self, item: QueuedRecord, attempt: Attempt) -> bool:
+        """A failure before the claim: read the status record now (the claim would have), so the
+        outcome is written on it; True when it says the message was already sent."""
+        if attempt.loaded:
+            return False
+        try:
+            self._load(attempt)
+        except MailbrokerError:
+            return False  # the outcome goes by the receive count, as for any store outage
+        seen = attempt.seen
+        if seen is not None and seen.is_live(self._clock()) and seen.status == "sent":
+            return self._already_handled(item, attempt)
+        return False
 
     def _parse(self, item: QueuedRecord, attempt: Attempt) -> OutgoingMessage:
         """The record's message, with its id; an invalid one is raised after its record is read,
@@ -179,41 +235,38 @@ class Delivery:
             raise
         attempt.message_id = message.id or item.sqs_message_id
         attempt.integration_id = message.integration
+        if self._expected[message.integration] > 0:
+            self._expected[message.integration] -= 1
         return message if message.id is not None else message.with_id(attempt.message_id)
 
     def _deliver(self, item: QueuedRecord, attempt: Attempt) -> str:
         message = self._parse(item, attempt)
-        self._load(attempt)
-        if self._already_handled(item, attempt):
-            return "duplicate"
 
         integration = self.integrations.get(message.integration)
         attempt.context = context_of(integration)
         check_allowed(message, integration)
         self._check_time_left(integration)
         mail_from, every = envelope(message)
-        rcpts = outstanding(every, attempt.seen)
-        if not rcpts:  # every recipient already has its outcome: record it
-            return self._record_outcome(attempt, integration.id, every, accepted=[], refused={}, reply=None)
         session = self.sessions.session_for(integration)
         if self.governor is not None:
-            self._take_message(self.governor, integration, len(rcpts))
+            # Every recipient is counted against the daily cap: which ones are still outstanding
+            # is known once the claim has answered the record (stricter on a retry, never looser).
+            self._take_message(self.governor, integration, len(every))
         data = self._mime(self._tracked(message, integration), item)
 
         try:
-            attempt.seen = self.statuses.start_sending(
-                attempt.message_id,
-                integration.id,
-                attempt.seen,
-                holder=self.holder,
-                lease_seconds=self.lease_seconds,
-            )
-        except StatusConflict:
-            # Another copy of this id moved its record since we read it: decide again from it.
-            self._load(attempt)
-            if self._already_handled(item, attempt):
-                return "duplicate"
-            raise Deferred(1, "the status record changed while claiming it") from None
+            claimed = self._claim(item, attempt, integration.id)
+        except BaseException:
+            self._unused_place(integration.id)
+            raise
+        if not claimed:
+            self._unused_place(integration.id)
+            return "duplicate"
+        # The claimed record keeps each recipient's outcome from earlier attempts.
+        rcpts = outstanding(every, attempt.seen)
+        if not rcpts:  # every recipient already has its outcome: record it
+            self._unused_place(integration.id)
+            return self._record_outcome(attempt, integration.id, every, accepted=[], refused={}, reply=None)
 
         started = time.monotonic()
         try:
@@ -271,6 +324,39 @@ class Delivery:
         self._record_sent(attempt, integration_id, final_reply, outcome)
         return "sent"
 
+    def _claim(self, item: QueuedRecord, attempt: Attempt, integration_id: str) -> bool:
+        """Claim the id (status ``sending``); False for a duplicate. Raises when the record says
+        to wait or to stop."""
+        try:
+            before, attempt.seen = self.statuses.claim(
+                attempt.message_id, integration_id, holder=self.holder, lease_seconds=self.lease_seconds
+            )
+            attempt.before = before
+            attempt.loaded = True
+            return True
+        except ClaimRefused as refused:
+            attempt.seen = attempt.before = refused.current
+            attempt.loaded = True
+        if self._already_handled(item, attempt):
+            return False
+        # Neither new nor waiting, yet sendable (a re-driven failure, a record past its window):
+        # claimed on the version just answered.
+        try:
+            attempt.seen = self.statuses.start_sending(
+                attempt.message_id,
+                integration_id,
+                attempt.seen,
+                holder=self.holder,
+                lease_seconds=self.lease_seconds,
+            )
+        except StatusConflict:
+            # Another copy of this id moved its record since: decide again from it.
+            self._load(attempt)
+            if self._already_handled(item, attempt):
+                return False
+            raise Deferred(1, "the status record changed while claiming it") from None
+        return True
+
     def _already_handled(self, item: QueuedRecord, attempt: Attempt) -> bool:
         """True for a duplicate; raises when the record says to wait or to stop."""
         seen = attempt.seen
@@ -307,10 +393,18 @@ class Delivery:
         return False
 
     def _take_message(self, governor: Governor, integration: Integration, recipients: int) -> None:
-        """Take the message's place in the integration's pace, waiting out a short delay."""
+        """Take the message's place in the integration's pace (from the places the batch holds,
+        or with the next records of the integration in one write) and count its recipients,
+        waiting out a short delay."""
+        limits = integration.effective_limits()
         while True:
             try:
-                governor.take_message(integration.id, integration.effective_limits(), recipients=recipients)
+                self._take_place(governor, integration.id, limits)
+                try:
+                    governor.count_recipients(integration.id, limits, recipients)
+                except BaseException:
+                    self._unused_place(integration.id)
+                    raise
                 return
             except GovernorDelay as delay:
                 wait = delay.retry_after
@@ -322,6 +416,20 @@ class Delivery:
                     raise
                 self._inline_budget -= wait
                 self._sleep(wait)
+
+    def _take_place(self, governor: Governor, integration_id: str, limits: Limits) -> None:
+        held = self._places.get(integration_id)
+        if held is None or held.left <= 0:
+            wanted = 1 + self._expected[integration_id]
+            grant = governor.take_messages(integration_id, limits, wanted)
+            held = self._places[integration_id] = _Places(grant, grant.granted)
+        held.left -= 1
+
+    def _unused_place(self, integration_id: str) -> None:
+        """A place taken for a message that was not sent: kept for the batch's next one."""
+        held = self._places.get(integration_id)
+        if held is not None:
+            held.left += 1
 
     def _time_for(self, wait: float, integration: Integration) -> bool:
         if self._remaining_ms is None:

@@ -44,6 +44,20 @@ class StatusConflict(Exception):
     """The record changed between the read and the conditional write: read it again."""
 
 
+class ClaimRefused(Exception):
+    """:meth:`MessageStatusStore.claim` found the id neither new nor waiting; ``current`` is the
+    record as stored, answered by the refused write itself."""
+
+    def __init__(self, current: MessageRecord | None) -> None:
+        super().__init__("the id is not waiting to be sent")
+        self.current = current
+
+
+# A claim without a read first succeeds on a record in one of these statuses (inside its window)
+# or on no record at all; any other record is decided on by the caller from the answered record.
+_CLAIMABLE = ("queued", "retrying")
+
+
 @dataclass(frozen=True)
 class MessageRecord:
     id: str
@@ -180,6 +194,62 @@ class MessageStatusStore:
             lease_until=now + lease_seconds,
         )
         return self._write(record, seen)
+
+    def claim(
+        self, message_id: str, integration: str, *, holder: str, lease_seconds: float
+    ) -> tuple[MessageRecord | None, MessageRecord]:
+        """Claim the id for one send in a single conditional write, without reading it first.
+
+        The write holds when there is no record or the record is ``queued`` or ``retrying``
+        inside its window (the common case: a message the API queued, or one waiting for its
+        retry); it then writes exactly what :meth:`start_sending` would from the record it found,
+        and answers ``(record before, claimed record)``. Otherwise nothing is written and
+        :class:`ClaimRefused` carries the stored record (duplicate, another sender's claim, a
+        failure being re-driven, a record past its window) for the caller to decide on."""
+        now = self._clock()
+        lease_until = now + lease_seconds
+        ttl = int(now + self.window_seconds)
+        written, item = self._table.update_or_current(
+            KEY_PREFIX + message_id,
+            "SET #status = :sending, #id = :id, integration = :integration, lease_owner = :holder, "
+            "lease_until = :lease_until, updated_at = :now, #ttl = :ttl, "
+            "created_at = if_not_exists(created_at, :now), "
+            "cycle_started_at = if_not_exists(cycle_started_at, :now), "
+            "attempts = if_not_exists(attempts, :zero), "
+            "version = if_not_exists(version, :zero) + :one "
+            "REMOVE next_attempt_at",
+            condition="attribute_not_exists(pk) OR (#status IN (:queued, :retrying) AND #ttl > :now)",
+            names={"#status": "status", "#ttl": "ttl", "#id": "id"},
+            values={
+                ":sending": {"S": "sending"},
+                ":id": {"S": message_id},
+                ":integration": {"S": integration},
+                ":holder": {"S": holder},
+                ":lease_until": {"N": num(lease_until)},
+                ":now": {"N": num(now)},
+                ":ttl": {"N": str(ttl)},
+                ":zero": {"N": "0"},
+                ":one": {"N": "1"},
+                ":queued": {"S": _CLAIMABLE[0]},
+                ":retrying": {"S": _CLAIMABLE[1]},
+            },
+        )
+        before = _from_item(item) if item else None
+        if not written:
+            raise ClaimRefused(before)
+        claimed = self._next(
+            message_id,
+            before,
+            status="sending",
+            integration=integration,
+            attempts=attempts_so_far(before, now),
+            lease_owner=holder,
+            lease_until=lease_until,
+        )
+        claimed = replace(claimed, updated_at=now, ttl=ttl)
+        if before is None:
+            claimed = replace(claimed, created_at=now, cycle_started_at=now)
+        return before, claimed
 
     def sent(
         self,
