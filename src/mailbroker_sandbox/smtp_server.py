@@ -2,7 +2,9 @@
 
 It speaks ESMTP the way those servers do where mailbroker cares: STARTTLS or implicit TLS with
 the sandbox CA's certificate, SASL XOAUTH2 verified against the sandbox token endpoints, AUTH
-PLAIN/LOGIN for basic integrations, PIPELINING, CHUNKING (BDAT), SIZE, 8BITMIME and SMTPUTF8. It
+PLAIN/LOGIN for basic integrations, PIPELINING, CHUNKING (BDAT), SIZE, 8BITMIME and SMTPUTF8
+(CHUNKING by default, as Exchange Online and Postfix offer it, so ``make run`` and the tests take
+the BDAT path; ``chunking=False`` for a server that offers only DATA). It
 refuses with the providers' own replies (535 5.7.3, 535 5.7.139, 554 5.2.0 SendAsDenied, Gmail's
 334 error challenge then 535-5.7.8), and a test can inject a fault at any stage of the dialogue.
 
@@ -151,7 +153,7 @@ class SandboxSmtpServer:
         verify_token: VerifyToken | None = None,
         mode: str = "starttls",
         pipelining: bool = True,
-        chunking: bool = False,
+        chunking: bool = True,
         smtputf8: bool = True,
         size_limit: int = 35 * 1024 * 1024,
         gmail_style: bool = False,
@@ -304,6 +306,23 @@ class SandboxSmtpServer:
         return self._mailboxes.get(email.casefold())
 
     # --- faults ----------------------------------------------------------------------------------
+
+    def drop_idle_connections(self) -> int:
+        """Close every open connection with ``421 4.4.2``, as a server's idle timeout does
+        between a client's transactions; returns how many were closed."""
+        loop = self._loop
+        if loop is None:
+            return 0
+
+        async def drop() -> int:
+            sessions = list(self._sessions)
+            for session in sessions:
+                with contextlib.suppress(Exception):
+                    await session.push("421 4.4.2 sandbox.smtp.local idle timeout, closing connection")
+                session._hang_up()
+            return len(sessions)
+
+        return asyncio.run_coroutine_threadsafe(drop(), loop).result(10)
 
     def fail(
         self,

@@ -175,7 +175,7 @@ def test_pipelined_transaction_delivers_to_accepted_and_reports_refused(
     start: Any, tokens: Tokens, sandbox_ca: SandboxCA
 ) -> None:
     # Given a pipelining server that refuses one of three recipients
-    server = start(pipelining=True)
+    server = start(pipelining=True, chunking=False)  # the DATA path
     server.fail("rcpt", 550, "5.1.1 User unknown", recipient="bo@example.com")
 
     # When the message is sent
@@ -233,7 +233,7 @@ def test_server_without_pipelining_gets_one_command_at_a_time(
     start: Any, tokens: Tokens, sandbox_ca: SandboxCA
 ) -> None:
     # Given a server that does not offer PIPELINING
-    server = start(pipelining=False)
+    server = start(pipelining=False, chunking=False)
 
     with session(server, sandbox_ca, XOAuth2Auth(TokenSource(tokens.grant()))) as smtp:
         # When two messages to two recipients are sent
@@ -248,7 +248,7 @@ def test_server_without_pipelining_gets_one_command_at_a_time(
 def test_pipelining_keeps_a_reused_connection_at_two_round_trips(
     start: Any, tokens: Tokens, sandbox_ca: SandboxCA
 ) -> None:
-    server = start(pipelining=True)
+    server = start(pipelining=True, chunking=False)
 
     with session(server, sandbox_ca, XOAuth2Auth(TokenSource(tokens.grant()))) as smtp:
         results = [send(smtp) for _ in range(3)]
@@ -560,7 +560,7 @@ def test_server_reply_is_classified_at_its_stage(
     expected: str,
     failed_at: str,
 ) -> None:
-    server = start()
+    server = start(chunking=stage != "data")  # a DATA refusal needs DATA
     server.fail(stage, code, text)
 
     def deliver() -> None:

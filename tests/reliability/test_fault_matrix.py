@@ -333,15 +333,35 @@ def test_disconnect_after_end_of_data_is_delivery_uncertain_and_never_resent(mai
 
 
 def test_server_slower_than_the_timeout_retries_the_message_and_it_arrives_once(mail_pipeline):
+    # A server that offers only DATA: the body waits for the envelope's replies, so a timeout
+    # before them leaves nothing sent and the message is safely retried.
     p = mail_pipeline
-    [message_id] = post_batch(p, p.add("microsoft", smtp={"timeout_seconds": 0.5}), count=1)
-    p.smtp.fail("slow", text="mail", delay=1.5)
+    data_only = p.server(chunking=False)
+    integration = p.add("microsoft", smtp={"timeout_seconds": 0.5, "port": data_only.port})
+    data_only.add_mailbox("support@contoso.com")
+    [message_id] = post_batch(p, integration, count=1)
+    data_only.fail("slow", text="mail", delay=1.5)
 
     p.round()
 
     assert_retrying(p, [message_id], "smtp_transient")
     p.drive()
+    assert p.delivered(message_id) == 1
     assert_sent_once(p, [message_id])
+
+
+def test_a_timeout_after_a_pipelined_bdat_body_is_uncertain_and_never_resent(mail_pipeline):
+    # With CHUNKING the body goes out with the envelope: a server slower than the timeout may
+    # still take it, so the outcome is delivery_uncertain, never a second copy.
+    p = mail_pipeline
+    [message_id] = post_batch(p, p.add("microsoft", smtp={"timeout_seconds": 0.5}), count=1)
+    p.smtp.fail("slow", text="mail", delay=1.5)
+
+    p.round()
+    p.drive()
+
+    assert_failed(p, [message_id], "delivery_uncertain")
+    assert p.delivered(message_id) <= 1
 
 
 # ---------------------------------------------------------------- AWS
