@@ -106,6 +106,47 @@ def test_every_shipped_module_imports_with_only_the_layer_and_the_runtime_boto3(
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+SIGN_WITH_BOTH_TOKEN_LIBRARIES = """
+import sys
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+pem = key.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+).decode()
+from google.auth import crypt
+from google.oauth2 import service_account
+signer = crypt.RSASigner.from_string(pem)
+assert signer.sign(b"payload")
+service_account.Credentials.from_service_account_info(
+    {"client_email": "a@b.iam.gserviceaccount.com", "private_key": pem,
+     "token_uri": "https://oauth2.googleapis.com/token"}
+)
+from msal.oauth2cli.assertion import JwtAssertionCreator
+assertion = JwtAssertionCreator(pem, "RS256", sha1_thumbprint="00" * 20)
+assert assertion.create_regenerative_assertion(audience="a", issuer="b")
+left_out = {"pyasn1", "pyasn1_modules", "dateutil", "six", "cffi", "pycparser"} & set(sys.modules)
+assert not left_out, left_out
+"""
+
+
+def test_both_token_libraries_sign_without_the_dependencies_the_layer_leaves_out(
+    staged_layer: Path, tmp_path: Path
+):
+    for left_out in ("pyasn1", "pyasn1_modules", "dateutil", "six.py", "cffi", "pycparser"):
+        assert not (staged_layer / left_out).exists(), left_out
+    assert not list(staged_layer.rglob("*.pyi"))
+    assert not list(staged_layer.glob("*.dist-info/RECORD"))
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", SIGN_WITH_BOTH_TOKEN_LIBRARIES],
+        env={"PYTHONPATH": str(staged_layer), "PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_the_api_never_enables_swagger_whose_assets_the_layer_leaves_out():
     package = ROOT / "layers" / "mailbroker" / "mailbroker"
     sources = "\n".join(p.read_text() for p in package.rglob("*.py"))
