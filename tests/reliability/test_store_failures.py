@@ -41,17 +41,18 @@ def sender_logs() -> Iterator[Recorder]:
         logger._logger.removeHandler(recorder)
 
 
-def raise_inside(operation: str, error: Exception, *, times: int = 1) -> None:
-    """The sender's next ``times`` DynamoDB ``operation`` calls raise ``error`` from inside the
-    call, as a bug in code it runs would."""
+def raise_inside(operation: str, error: Exception, *, times: int = 1, containing: str = "") -> None:
+    """The sender's next ``times`` DynamoDB ``operation`` calls (whose update expression contains
+    ``containing``) raise ``error`` from inside the call, as a bug in code it runs would."""
     remaining = [times]
 
-    def hook(**kwargs: Any) -> None:
-        if remaining[0] > 0:
+    def hook(params: dict[str, Any], **kwargs: Any) -> None:
+        if remaining[0] > 0 and containing in params.get("UpdateExpression", ""):
             remaining[0] -= 1
             raise error
 
-    runtime.aws_client("dynamodb").meta.events.register(f"before-call.dynamodb.{operation}", hook)
+    # before-parameter-build: inside the client call, with the request's parameters as given.
+    runtime.aws_client("dynamodb").meta.events.register(f"before-parameter-build.dynamodb.{operation}", hook)
 
 
 def closed_port() -> int:
@@ -65,8 +66,10 @@ def test_a_bug_in_a_store_fails_the_message_at_once_and_a_redrive_sends_it(mail_
     message = p.message(p.add("microsoft"))
     p.post(message)
     message_id = message["id"]
-    # The first PutItem is the claim of the id (status ``sending``), after the governor's writes.
-    raise_inside("PutItem", TypeError("unsupported operand type(s) for +: 'int' and 'str'"))
+    # The claim of the id (status ``sending``): one UpdateItem, after the governor's writes.
+    raise_inside(
+        "UpdateItem", TypeError("unsupported operand type(s) for +: 'int' and 'str'"), containing=":sending"
+    )
 
     with sender_logs() as logs:
         put_back = p.round()
