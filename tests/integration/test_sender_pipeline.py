@@ -93,6 +93,28 @@ def test_queued_message_is_delivered_byte_for_byte_as_built_from_its_json(pipeli
 
 
 @pytest.mark.parametrize(
+    ("given", "expected_from"),
+    [
+        (None, "Help Desk <support@contoso.com>"),  # no from: the integration's default sender
+        ("support@contoso.com", "Help Desk <support@contoso.com>"),  # the sender entry's name
+        ({"email": "support@contoso.com", "name": "Ana"}, "Ana <support@contoso.com>"),  # the message's own
+    ],
+)
+def test_from_and_its_display_name_follow_the_integrations_senders(
+    pipeline: MailPipeline, given: Any, expected_from: str
+) -> None:
+    integration = pipeline.add("basic", senders=[{"email": SENDER, "name": "Help Desk"}])
+    message = pipeline.message(integration, **{"from": given})
+
+    assert pipeline.deliver(message) == []
+
+    [accepted] = pipeline.smtp.accepted
+    assert accepted.mail_from == SENDER
+    assert email.message_from_bytes(accepted.data, policy=policy.default)["From"] == expected_from
+    assert pipeline.status(message["id"])["status"] == "sent"
+
+
+@pytest.mark.parametrize(
     ("provider", "mechanism"),
     [
         ("microsoft", "XOAUTH2"),

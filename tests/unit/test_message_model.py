@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mailbroker.errors import InvalidMessage, SenderNotAllowed
 from mailbroker.integrations import parse_integration
 from mailbroker.messages import models
-from mailbroker.messages.models import OutgoingMessage, check_allowed, parse_message
+from mailbroker.messages.models import OutgoingMessage, check_allowed, parse_message, with_sender_defaults
 
 SAMPLE = Path(__file__).resolve().parents[2] / "events" / "message.json"
 
@@ -478,6 +478,66 @@ def test_usage_not_enabled_is_not_allowed() -> None:
         check_allowed(parse_message(minimal(usage="marketing")), INTEGRATION)
 
     assert caught.value.details == [{"field": "usage", "problem": "not enabled for the integration"}]
+
+
+# --- senders as the integration defines them -------------------------------------------------------
+
+NAMED = parse_integration(
+    {
+        "id": "support-m365",
+        "provider": "basic",
+        "smtp": {"host": "smtp.example.com"},
+        "username": "relay@contoso.com",
+        "senders": [
+            {"email": "support@contoso.com", "name": "Contoso Support"},
+            {"email": "billing@contoso.com", "name": "Contoso Billing"},
+            {"email": "noreply@contoso.com"},
+        ],
+        "password": "pw",
+    }
+)
+
+
+def test_a_message_without_from_is_sent_as_the_first_sender_with_its_name() -> None:
+    message = with_sender_defaults(parse_message(minimal(**{"from": ...})), NAMED)
+
+    assert (message.sender.email, message.sender.name) == ("support@contoso.com", "Contoso Support")
+    check_allowed(message, NAMED)
+
+
+def test_an_integration_without_senders_sends_as_its_username() -> None:
+    message = with_sender_defaults(
+        parse_message(minimal(**{"from": ...})), INTEGRATION.model_copy(update={"senders": []})
+    )
+
+    assert (message.sender.email, message.sender.name) == ("relay@contoso.com", None)
+
+
+def test_a_from_without_a_name_takes_its_sender_entry_name() -> None:
+    message = with_sender_defaults(parse_message(minimal(**{"from": "Billing@contoso.com"})), NAMED)
+
+    assert (message.sender.email, message.sender.name) == ("Billing@contoso.com", "Contoso Billing")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"email": "billing@contoso.com", "name": "Accounts"}, ("billing@contoso.com", "Accounts")),
+        ("noreply@contoso.com", ("noreply@contoso.com", None)),
+        ("relay@contoso.com", ("relay@contoso.com", None)),
+    ],
+)
+def test_a_name_the_message_gives_or_a_sender_without_one_is_left_alone(given: Any, expected: Any) -> None:
+    message = with_sender_defaults(parse_message(minimal(**{"from": given})), NAMED)
+
+    assert (message.sender.email, message.sender.name) == expected
+
+
+def test_a_message_without_from_cannot_be_built_before_the_default_is_applied() -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        _ = parse_message(minimal(**{"from": ...})).sender
+
+    assert caught.value.details == [{"field": "from", "problem": "missing"}]
 
 
 # --- never crashes ---------------------------------------------------------------------------------

@@ -129,6 +129,10 @@ class _IntegrationBase(_Model):
     def allowed_senders(self) -> set[str]:
         return {s.email.lower() for s in self.senders} | {self.username.lower()}
 
+    def default_sender(self) -> Sender:
+        """Who a message without ``from`` is sent as: the first of ``senders``, else ``username``."""
+        return self.senders[0] if self.senders else Sender(email=self.username)
+
     def effective_limits(self) -> Limits:
         defaults = PROVIDER_LIMITS.get(self.provider, {})  # type: ignore[attr-defined]
         merged = {**defaults, **{k: v for k, v in self.limits.model_dump().items() if v is not None}}

@@ -12,6 +12,7 @@ from mailbroker.messages.models import (
     OutgoingMessage,
     check_allowed,
     parse_message,
+    with_sender_defaults,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "envelope",
     "message_id_for",
     "parse_message",
+    "with_sender_defaults",
 ]

@@ -47,7 +47,7 @@ from mailbroker.errors import InvalidMessage, MailbrokerError, SmtpFailure
 from mailbroker.governor import GovernorDelay, RateGrant
 from mailbroker.integrations import context_of
 from mailbroker.messages.mime import build_mime, envelope
-from mailbroker.messages.models import OutgoingMessage, check_allowed, parse_message
+from mailbroker.messages.models import OutgoingMessage, check_allowed, parse_message, with_sender_defaults
 from mailbroker.messages.queue import QueueActions
 from mailbroker.messages.received import (
     SLOWS_DOWN,
@@ -244,6 +244,7 @@ class Delivery:
 
         integration = self.integrations.get(message.integration)
         attempt.context = context_of(integration)
+        message = with_sender_defaults(message, integration)
         check_allowed(message, integration)
         self._check_time_left(integration)
         mail_from, every = envelope(message)
@@ -457,7 +458,7 @@ class Delivery:
     def _mime(self, message: OutgoingMessage, item: QueuedRecord) -> bytes:
         # Date is when the message was queued, so every attempt sends the same bytes.
         when = datetime.fromtimestamp(item.sent_at, UTC) if item.sent_at else None
-        return build_mime(message, message_id_domain=message.from_.domain, now=when).as_bytes()
+        return build_mime(message, message_id_domain=message.sender.domain, now=when).as_bytes()
 
     def _record_sent(self, attempt: Attempt, integration_id: str, reply: str, outcome: Recipients) -> None:
         refused = outcome.refused_for_good()

@@ -47,7 +47,7 @@ def build_mime(
         when = when.replace(tzinfo=dt.UTC)
 
     root = EmailMessage(policy=policy)
-    root["From"] = _address(message.from_)
+    root["From"] = _address(message.sender)
     if message.to:
         root["To"] = [_address(a) for a in message.to]
     if message.cc:
@@ -92,7 +92,7 @@ def envelope(message: OutgoingMessage) -> tuple[str, list[str]]:
         if address.email.lower() not in seen:
             seen.add(address.email.lower())
             rcpts.append(address.email)
-    return message.from_.email, rcpts
+    return message.sender.email, rcpts
 
 
 def _address(address: EmailAddress) -> Address:

@@ -280,7 +280,8 @@ class OutgoingMessage(_Model):
     usage: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = (
         "transactional"
     )
-    from_: Address = Field(alias="from")
+    # Absent: the integration's default sender (:func:`with_sender_defaults`), applied when queued and sent.
+    from_: Address | None = Field(default=None, alias="from")
     to: AddressList = Field(default_factory=list)
     cc: AddressList = Field(default_factory=list)
     bcc: AddressList = Field(default_factory=list)
@@ -313,16 +314,30 @@ class OutgoingMessage(_Model):
         return [*self.to, *self.cc, *self.bcc]
 
     @property
+    def sender(self) -> EmailAddress:
+        """``from``, once :func:`with_sender_defaults` has filled it in from the integration."""
+        if self.from_ is None:
+            raise InvalidMessage(
+                "the message has no 'from' and its integration's default sender was not applied",
+                details=[{"field": "from", "problem": "missing"}],
+            )
+        return self.from_
+
+    @property
+    def _from(self) -> list[EmailAddress]:
+        return [self.from_] if self.from_ is not None else []
+
+    @property
     def needs_smtputf8(self) -> bool:
         """True when an address has a non-ASCII local part: only an SMTPUTF8 server can take it."""
-        return any(a.needs_smtputf8 for a in (self.from_, *self.recipients, *self.reply_to))
+        return any(a.needs_smtputf8 for a in (*self._from, *self.recipients, *self.reply_to))
 
     def estimated_size(self) -> int:
         """An upper bound, in octets, of the MIME message ``build_mime`` makes of this message
         (quoted-printable text at worst 3 octets per non-ASCII octet, base64 attachments)."""
         size = 1024  # fixed headers, MIME-Version, boundaries
         size += len(self.subject.encode()) * 3 + 64
-        for addr in (self.from_, *self.to, *self.cc, *self.reply_to):
+        for addr in (*self._from, *self.to, *self.cc, *self.reply_to):
             size += (len(addr.email) + len((addr.name or "").encode()) * 3) + 16
         for name, value in self.headers.items():
             size += len(name) + len(value.encode()) * 3 + 64
@@ -499,11 +514,29 @@ def _raw_rule_problems(data: Mapping[str, Any]) -> list[dict[str, str]]:
 # --- authorisation -------------------------------------------------------------------------------
 
 
+def with_sender_defaults(message: OutgoingMessage, integration: Integration) -> OutgoingMessage:
+    """``from`` as the integration defines its senders: without ``from``, the integration's
+    default sender (the first of ``senders``, else ``username``); a ``from`` without a display
+    name takes the ``name`` its sender entry gives. A name the message gives always wins."""
+    if message.from_ is None:
+        default = integration.default_sender()
+        chosen = EmailAddress(email=default.email, name=default.name)
+    elif message.from_.name is None:
+        named = {_comparable(s.email): s.name for s in integration.senders if s.name}
+        name = named.get(_comparable(message.from_.email))
+        if name is None:
+            return message
+        chosen = EmailAddress(email=message.from_.email, name=name)
+    else:
+        return message
+    return message.model_copy(update={"from_": chosen})
+
+
 def check_allowed(message: OutgoingMessage, integration: Integration) -> None:
     """Raise ``SenderNotAllowed`` unless the integration may send as ``from`` for this ``usage``."""
     allowed = {_comparable(address) for address in integration.allowed_senders()}
     problems = []
-    if message.from_.email.lower() not in allowed:
+    if message.sender.email.lower() not in allowed:
         problems.append({"field": "from", "problem": "not one of the integration's senders"})
     if message.usage not in integration.usage:
         problems.append({"field": "usage", "problem": "not enabled for the integration"})

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mailbroker.errors import AwsUnavailable, InvalidMessage, aws_error_code
-from mailbroker.messages.models import check_allowed, parse_message
+from mailbroker.messages.models import check_allowed, parse_message, with_sender_defaults
 from mailbroker.messages.status import IN_FLIGHT, MessageStatusStore, StatusConflict, error_record
 from mailbroker.observability import logger
 
@@ -47,7 +47,7 @@ class MessageQueue:
         (every problem in ``details``), ``UnknownIntegration`` or ``SenderNotAllowed``."""
         message = parse_message(raw)
         integration = self._integrations.get(message.integration)
-        check_allowed(message, integration)
+        check_allowed(with_sender_defaults(message, integration), integration)
         message_id = message.id or uuid.uuid4().hex
         body = _queue_body(raw, message_id, has_id=message.id is not None)
         size = len(body.encode("utf-8"))
