@@ -5,6 +5,7 @@
     mailbroker setup microsoft ID                 admin consent URL + Exchange Online PowerShell
     mailbroker doctor ID                          diagnose an integration step by step
     mailbroker send | status ID | dlq list|redrive   messages
+    mailbroker test ID --to ADDR [--wait]         a labelled test mail through the whole path
     mailbroker local                              the sandbox, kept up for exploration
     mailbroker errors [--markdown]                every error code with its hint
 

@@ -55,6 +55,20 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     send.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
     send.set_defaults(handler=send_message)
 
+    test = commands.add_parser(
+        "test",
+        parents=[common],
+        help="send a labelled test mail through the whole path",
+        description="Queue a short, clearly labelled test mail from the integration's default sender "
+        "(the first of its senders, else its username) and, with --wait, follow it through the sender "
+        "to the SMTP server's reply, printing each step; a failure prints its code and hint.",
+    )
+    test.add_argument("id", metavar="ID", help="the integration")
+    test.add_argument("--to", required=True, metavar="EMAIL", help="who receives the test mail")
+    test.add_argument("--wait", action="store_true", help="follow it until it is sent or failed")
+    test.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
+    test.set_defaults(handler=send_test)
+
     status = commands.add_parser("status", parents=[common], help="a message's status record")
     status.add_argument("id")
     status.set_defaults(handler=message_status)
@@ -181,7 +195,58 @@ def send_message(args: argparse.Namespace, ctx: Context, out: Output) -> int:
     return show_record(out, record, answer["id"])
 
 
-def wait_for(ctx: Context, out: Output, message_id: str, timeout: float) -> Any:
+def send_test(args: argparse.Namespace, ctx: Context, out: Output) -> int:
+    """``mailbroker test ID --to ADDR [--wait]``: each step's result, and a failure's code and hint."""
+    from mailbroker.messages.testmail import build_test_mail
+
+    integration = ctx.integrations.get(args.id)  # unknown_integration: reported with its hint
+    message = build_test_mail(integration, args.to)
+    sender = message["from"]
+    if not out.as_json:
+        named = f"{sender['name']} <{sender['email']}>" if sender.get("name") else sender["email"]
+        out.line(f"{out.mark(True)} integration {integration.id} ({integration.provider}), from {named}")
+    try:
+        answer = message_queue(ctx).enqueue(message)
+    except MailbrokerError as exc:
+        if out.as_json:
+            out.json({"error": exc.to_dict()})
+        else:
+            out.line(f"{out.mark(False)} not queued: {exc.code}: {exc.message}")
+            for detail in exc.details:
+                out.line(f"  - {detail.get('field')}: {detail.get('problem')}")
+            if exc.hint:
+                out.line(f"  hint: {exc.hint}")
+        return 2
+    if not out.as_json:
+        out.line(f"{out.mark(True)} queued {answer['id']} to {args.to}")
+    if not args.wait:
+        if out.as_json:
+            out.json(answer)
+        else:
+            out.note(f"follow it: mailbroker status {answer['id']}")
+        return 0
+    record = wait_for(ctx, out, answer["id"], args.timeout, steps=not out.as_json)
+    if out.as_json or record is None:
+        return show_record(out, record, answer["id"])
+    return show_test_outcome(out, record)
+
+
+def show_test_outcome(out: Output, record: Any) -> int:
+    body = record.to_public()
+    if body["status"] == "sent":
+        out.line(f"{out.mark(True)} sent: the server answered {body.get('reply')}")
+        return 0
+    error = body.get("last_error") or {}
+    where = "failed" if body["status"] == "failed" else f"{body['status']} (not final yet)"
+    out.line(f"{out.mark(False)} {where}: {error.get('code')}: {error.get('message')}")
+    if error.get("hint"):
+        out.line(f"  hint: {error['hint']}")
+    return 1
+
+
+def wait_for(ctx: Context, out: Output, message_id: str, timeout: float, *, steps: bool = False) -> Any:
+    """Poll the status record until it is final (or ``timeout``). ``steps``: print each status it
+    passes through as a step on stdout, with the attempt and, while retrying, the last error."""
     statuses = status_store(ctx)
     deadline = time.monotonic() + timeout
     record = None
@@ -189,13 +254,24 @@ def wait_for(ctx: Context, out: Output, message_id: str, timeout: float) -> Any:
     with out.progress(f"waiting for {message_id}"):
         while time.monotonic() < deadline:
             record = statuses.get(message_id)
-            if record is not None and record.status != last and not out.interactive and not out.as_json:
+            if record is not None and record.status != last and steps and record.status not in FINAL:
+                out.line(f"{out.mark(None)} {_step(record.to_public())}")
+                last = record.status
+            elif record is not None and record.status != last and not out.interactive and not out.as_json:
                 out.note(f"  {record.status}")
                 last = record.status
             if record is not None and record.status in FINAL:
                 return record
             time.sleep(0.5)
     return record
+
+
+def _step(body: dict[str, Any]) -> str:
+    text = f"{body['status']} (attempt {body.get('attempts') or 0})"
+    error = body.get("last_error")
+    if body["status"] == "retrying" and error:
+        text += f": {error.get('code')}: {error.get('message')}"
+    return text
 
 
 def message_status(args: argparse.Namespace, ctx: Context, out: Output) -> int:

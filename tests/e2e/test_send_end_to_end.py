@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import email
 import json
 import uuid
 from collections.abc import Iterator
+from email import policy
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +204,64 @@ def test_an_unknown_message_id_answers_404_not_found(deployed: Stack) -> None:
 
     assert status == 404
     assert body["error"]["code"] == "not_found"
+
+
+# --- POST /v1/integrations/{id}/test ------------------------------------------------------------------
+
+
+def test_the_test_route_delivers_a_labelled_mail_from_the_default_sender(deployed: Stack) -> None:
+    # events/http_post_test.json's shape, for this integration
+    event = http_event(
+        "POST /v1/integrations/{id}/test",
+        path_parameters={"id": deployed.integration},
+        body={"to": "ana@example.com"},
+    )
+
+    status, body = deployed._api(event)
+    answer, _ = deployed.run_sender()
+    after = deployed.get(body["id"])
+
+    assert status == 202 and body == {"id": body["id"], "status": "queued"}
+    assert body["id"].startswith(f"test-{deployed.integration}-")
+    assert answer == {"batchItemFailures": []}
+    [accepted] = deployed.smtp.accepted
+    assert (accepted.mail_from, accepted.rcpt_tos, accepted.mechanism) == (
+        SENDER,
+        ["ana@example.com"],
+        "XOAUTH2",
+    )
+    mail = email.message_from_bytes(accepted.data, policy=policy.default)
+    assert mail["From"] == f"Support Team <{SENDER}>"
+    assert mail["Subject"] == f"mailbroker test message ({deployed.integration})"
+    assert mail["X-Mailbroker-Test"] == "1"
+    assert "This is a test message from mailbroker" in mail.get_content()
+    assert after[0] == 200 and after[1]["status"] == "sent"
+    assert after[1]["reply"] == f"250 2.0.0 OK <{accepted.queue_id}>"
+
+
+def test_the_test_route_answers_404_unknown_integration_and_queues_nothing(deployed: Stack) -> None:
+    event = http_event(
+        "POST /v1/integrations/{id}/test", path_parameters={"id": "nobody"}, body={"to": "ana@example.com"}
+    )
+
+    status, body = deployed._api(event)
+
+    assert status == 404
+    assert body["error"]["code"] == "unknown_integration"
+    assert "mailbroker integration add" in body["error"]["hint"]
+    assert deployed.queued() == 0
+
+
+def test_the_test_route_refuses_a_bad_address_with_400_and_queues_nothing(deployed: Stack) -> None:
+    event = http_event(
+        "POST /v1/integrations/{id}/test",
+        path_parameters={"id": deployed.integration},
+        body={"to": "not an address"},
+    )
+
+    status, body = deployed._api(event)
+
+    assert status == 400
+    assert body["error"]["code"] == "invalid_message"
+    assert [d["field"] for d in body["error"]["details"]] == ["to[0].email"]
+    assert deployed.queued() == 0

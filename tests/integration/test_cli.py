@@ -5,6 +5,7 @@ in-process through ``main(argv)``; their output is read as a person or a script 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 import time
@@ -552,6 +553,45 @@ def test_send_wait_polls_until_the_message_is_sent(cli):
 
     assert code == 0
     assert "status: sent" in out and "reply: 250 " in out
+
+
+def test_test_wait_prints_each_step_until_the_server_accepts_the_test_mail(cli):
+    cli.microsoft("m365")
+    worker = threading.Timer(0.3, cli.run_sender_once)
+    worker.start()
+
+    code, out, _ = cli("test", "m365", "--to", "bo@example.com", "--wait", "--timeout", "20")
+    worker.join()
+
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "✓ integration m365 (microsoft), from m365@contoso.example"
+    assert re.fullmatch(r"✓ queued test-m365-[0-9a-f]{12} to bo@example\.com", lines[1])
+    assert re.fullmatch(r"✓ sent: the server answered 250 2\.0\.0 OK <.+>", lines[-1])
+    [accepted] = cli.smtp.accepted
+    assert accepted.rcpt_tos == ["bo@example.com"] and b"X-Mailbroker-Test: 1" in accepted.data
+
+
+def test_test_prints_the_code_and_hint_when_the_test_mail_fails(cli):
+    document = cli.microsoft("m365")
+    cli.store.put(parse_integration({**document, "senders": [{"email": "billing@contoso.example"}]}))
+    worker = threading.Timer(0.3, cli.run_sender_once)
+    worker.start()
+
+    code, out, _ = cli("test", "m365", "--to", "bo@example.com", "--wait", "--timeout", "20")
+    worker.join()
+
+    assert code == 1
+    assert "from billing@contoso.example" in out
+    assert "✗ failed: send_as_denied: " in out
+    assert "hint: The mailbox may not send as this 'from' address" in out
+
+
+def test_test_of_an_unknown_integration_names_the_code_and_the_fix(cli):
+    code, out, err = cli("test", "nobody", "--to", "bo@example.com")
+
+    assert code == 1 and out == ""
+    assert "unknown_integration" in err and "mailbroker integration add" in err
 
 
 def test_dlq_list_shows_the_error_and_redrive_sends_it_once_fixed(cli):

@@ -28,6 +28,7 @@ DESIGN_ROUTES = {
     ("POST", "/v1/integrations/{id}/token"),
     ("GET", "/v1/integrations/{id}/health"),
     ("POST", "/v1/integrations/{id}/check"),
+    ("POST", "/v1/integrations/{id}/test"),
     ("POST", "/v1/messages"),
     ("GET", "/v1/messages/{id}"),
 }

@@ -1,11 +1,14 @@
-"""``GET /v1/integrations/{id}/health`` and ``POST /v1/integrations/{id}/check``."""
+"""``GET /v1/integrations/{id}/health``, ``POST /v1/integrations/{id}/check`` and
+``POST /v1/integrations/{id}/test``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
+from aws_lambda_powertools.event_handler.openapi.params import Body
+from pydantic import BaseModel, ConfigDict, Field
 
 from mailbroker import runtime
 from mailbroker.errors import NotFound
@@ -40,3 +43,22 @@ def integration_check(integration_id: str) -> dict[str, Any]:
         "ok": all(step.ok for step in steps),
         "steps": [step.to_dict() for step in steps],
     }
+
+
+class TestMailRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(min_length=3, max_length=254)
+
+
+@router.post("/v1/integrations/<integration_id>/test")
+def integration_test_mail(
+    integration_id: str, request: Annotated[TestMailRequest, Body()]
+) -> Response[dict[str, Any]]:
+    """A real test mail to ``to`` through the whole path: 202 ``{"id"}``; 404 ``unknown_integration``."""
+    from mailbroker.messages.testmail import send_test_mail
+
+    settings = get_settings(TokenBrokerSettings)
+    integrations = runtime.integration_store()
+    queue = runtime.message_queue(settings, runtime.status_store(settings), integrations)
+    answer = send_test_mail(queue, integrations, integration_id, request.to)
+    return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=answer)
