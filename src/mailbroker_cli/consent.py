@@ -4,13 +4,20 @@ google-auth-oauthlib's ``InstalledAppFlow`` runs a one-request HTTP server on ``
 catches the authorisation code, exchanges it (with PKCE) and returns the credentials; the refresh
 token is then validated into the integration and written to its secret. The client's endpoints
 come from the integration, so the same command works against the sandbox.
+
+Without a browser on this machine (a server, an SSH session), or with ``--no-browser``, the
+console flow runs instead: the URL is printed, the operator approves in a browser anywhere, and
+pastes back the address the browser was sent to (``http://localhost:PORT/?code=…&state=…``, a
+page that will not load on another machine) or the code alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import webbrowser
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from mailbroker.errors import InvalidIntegration, UnknownIntegration, classify_token_error
 from mailbroker.integrations import DEFAULT_GOOGLE_TOKEN_URI, GOOGLE_MAIL_SCOPE, parse_integration, unredacted
@@ -56,7 +63,10 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "--port", type=int, default=0, help="loopback port for the redirect (default: any free)"
     )
     google.add_argument(
-        "--no-browser", action="store_true", help="print the URL instead of opening a browser"
+        "--no-browser",
+        action="store_true",
+        help="print the URL and read back the address the browser was sent to (for SSH; "
+        "also used when no browser is found)",
     )
     google.add_argument("--browser", help="the browser to open (a name Python's webbrowser module knows)")
     google.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the consent")
@@ -159,48 +169,28 @@ def authorization_uri_for(token_uri: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/o/oauth2/auth", "", ""))
 
 
+def browser_available(name: str | None) -> bool:
+    """Whether Python's webbrowser module can open a browser here (none on a server or over SSH)."""
+    try:
+        webbrowser.get(name)
+    except webbrowser.Error:
+        return False
+    return True
+
+
 def run_consent(
     client_config: dict[str, Any], login_hint: str | None, args: argparse.Namespace, out: Output
 ) -> str:
-    from google_auth_oauthlib.flow import InstalledAppFlow, WSGITimeoutError
     from oauthlib.oauth2.rfc6749.errors import OAuth2Error
 
-    class LoopbackFlow(InstalledAppFlow):
-        """Announces the consent URL on stderr (stdout stays clean for --json)."""
-
-        def authorization_url(self, **kwargs: Any) -> Any:
-            url, state = super().authorization_url(**kwargs)
-            if args.no_browser:
-                out.note("Open this URL in a browser on this machine and approve access:")
-                out.note(f"  {url}")
-            else:
-                out.note("Opening the consent screen in your browser; if it does not open, visit:")
-                out.note(f"  {url}")
-            out.note(f"Waiting for Google to redirect to {self.redirect_uri} …")
-            return url, state
-
-    flow = LoopbackFlow.from_client_config(client_config, scopes=[GOOGLE_MAIL_SCOPE])
-    extra = {"login_hint": login_hint} if login_hint else {}
     try:
-        credentials = flow.run_local_server(
-            host="localhost",
-            bind_addr="127.0.0.1",
-            port=args.port,
-            open_browser=not args.no_browser,
-            browser=args.browser,
-            authorization_prompt_message="",
-            success_message="mailbroker received the authorisation; you may close this window.",
-            timeout_seconds=args.timeout,
-            access_type="offline",
-            prompt="consent",
-            **extra,
-        )
-    except WSGITimeoutError:
-        raise CliError(
-            f"no consent arrived within {args.timeout:.0f} s",
-            hint="Open the printed URL in a browser on this machine, or raise --timeout.",
-            code="consent_timeout",
-        ) from None
+        if args.no_browser:
+            credentials = console_consent(client_config, login_hint, args, out)
+        elif not browser_available(args.browser):
+            out.note("No browser was found on this machine: approving from a browser anywhere instead.")
+            credentials = console_consent(client_config, login_hint, args, out)
+        else:
+            credentials = loopback_consent(client_config, login_hint, args, out)
     except OAuth2Error as exc:
         if exc.error == "access_denied":
             raise CliError("consent was refused in the browser", code="consent_denied") from None
@@ -213,3 +203,100 @@ def run_consent(
             code="no_refresh_token",
         )
     return str(credentials.refresh_token)
+
+
+def console_consent(
+    client_config: dict[str, Any], login_hint: str | None, args: argparse.Namespace, out: Output
+) -> Any:
+    """Print the consent URL; read back the redirected address (or the code) from stdin."""
+    from google_auth_oauthlib.flow import InstalledAppFlow
+
+    flow = InstalledAppFlow.from_client_config(client_config, scopes=[GOOGLE_MAIL_SCOPE])
+    flow.redirect_uri = f"http://localhost:{args.port or 8085}/"
+    extra = {"login_hint": login_hint} if login_hint else {}
+    url, state = flow.authorization_url(access_type="offline", prompt="consent", **extra)
+    out.note("Open this URL in a browser (on any machine) and approve access:")
+    out.note(f"  {url}")
+    out.note(
+        f"The browser is then sent to {flow.redirect_uri}?code=… — a page that may not load. Copy that "
+        "whole address from the address bar (or just the code) and paste it here:"
+    )
+    pasted = sys.stdin.readline().strip()
+    code = code_from_paste(pasted, state)
+    flow.fetch_token(code=code)
+    return flow.credentials
+
+
+def code_from_paste(pasted: str, state: str) -> str:
+    """The authorisation code in a pasted redirect address (its ``state`` checked) or a bare code."""
+    if not pasted:
+        raise CliError(
+            "nothing was pasted",
+            hint="Paste the address the browser was sent to after approving (http://localhost:…?code=…).",
+            code="consent_timeout",
+        )
+    if "://" not in pasted and "code=" not in pasted:
+        return unquote(pasted)  # copied out of the address bar, it may still be percent-encoded
+    query = parse_qs(urlsplit(pasted).query or pasted.partition("?")[2] or pasted)
+    if query.get("error"):
+        if query["error"][0] == "access_denied":
+            raise CliError("consent was refused in the browser", code="consent_denied")
+        raise CliError(f"the consent screen answered {query['error'][0]}", code="consent_denied")
+    if query.get("state", [state])[0] != state:
+        raise CliError(
+            "the pasted address belongs to another consent attempt (its state does not match)",
+            hint="Paste the address from the consent started by this command.",
+            code="consent_denied",
+        )
+    codes = query.get("code")
+    if not codes:
+        raise CliError(
+            "the pasted address holds no code",
+            hint="Paste the whole address the browser was sent to after approving (it has ?code=…).",
+            code="consent_denied",
+        )
+    return codes[0]
+
+
+def loopback_consent(
+    client_config: dict[str, Any], login_hint: str | None, args: argparse.Namespace, out: Output
+) -> Any:
+    from google_auth_oauthlib.flow import InstalledAppFlow, WSGITimeoutError
+
+    class LoopbackFlow(InstalledAppFlow):
+        """Announces the consent URL on stderr (stdout stays clean for --json)."""
+
+        def authorization_url(self, **kwargs: Any) -> Any:
+            url, state = super().authorization_url(**kwargs)
+            out.note("Opening the consent screen in your browser; if it does not open, visit:")
+            out.note(f"  {url}")
+            out.note(f"Waiting for Google to redirect to {self.redirect_uri} …")
+            return url, state
+
+    flow = LoopbackFlow.from_client_config(client_config, scopes=[GOOGLE_MAIL_SCOPE])
+    extra = {"login_hint": login_hint} if login_hint else {}
+    try:
+        credentials = flow.run_local_server(
+            host="localhost",
+            bind_addr="127.0.0.1",
+            port=args.port,
+            open_browser=True,
+            browser=args.browser,
+            authorization_prompt_message="",
+            success_message="mailbroker received the authorisation; you may close this window.",
+            timeout_seconds=args.timeout,
+            access_type="offline",
+            prompt="consent",
+            **extra,
+        )
+    except WSGITimeoutError:
+        raise CliError(
+            f"no consent arrived within {args.timeout:.0f} s",
+            hint="Open the printed URL in a browser on this machine, raise --timeout, or use "
+            "--no-browser to approve from another machine and paste the address back.",
+            code="consent_timeout",
+        ) from None
+    except webbrowser.Error:
+        out.note("The browser could not be started: approving from a browser anywhere instead.")
+        return console_consent(client_config, login_hint, args, out)
+    return credentials

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -414,6 +415,65 @@ def test_consent_google_stores_the_refresh_token_and_doctor_then_passes(cli, bro
     assert integration.refresh_token.get_secret_value() not in out + err
     doctor_code, steps = doctor_steps(cli, "gmail")
     assert doctor_code == 0 and steps["scope"]["ok"] is True
+
+
+class PastingOperator:
+    """An operator over SSH: reads the consent URL the command printed, approves it in a browser on
+    another machine (the redirect to localhost does not load there), and pastes the address back."""
+
+    def __init__(self, capsys, ca_file: str, paste=lambda landed: landed) -> None:
+        self.capsys, self.ca_file, self.paste = capsys, ca_file, paste
+        self.printed = ""
+
+    def readline(self) -> str:
+        self.printed += self.capsys.readouterr().err
+        url = re.search(r"^  (https://\S+)$", self.printed, re.M).group(1)
+        with requests.Session() as browser:
+            browser.trust_env = False
+            answer = browser.get(url, verify=self.ca_file, timeout=10, allow_redirects=False)
+        return self.paste(answer.headers["Location"]) + "\n"
+
+
+@pytest.mark.parametrize(
+    "paste", [lambda landed: landed, lambda landed: landed.split("code=")[1].split("&")[0]]
+)
+def test_consent_google_without_a_browser_reads_the_redirected_address_pasted_back(
+    cli, sandbox_ca, monkeypatch, paste
+):
+    client_id, client_secret = cli.google_client()
+    cli.smtp.add_mailbox("ana@gmail.example")
+    monkeypatch.setattr(webbrowser, "_tryorder", [])  # no browser on this machine
+    operator = PastingOperator(cli.capsys, str(sandbox_ca.ca_cert), paste)
+    monkeypatch.setattr(sys, "stdin", operator)
+
+    code, out, err = cli(
+        "consent", "google", "gmail", "--client-id", client_id, "--client-secret", client_secret,
+        "--username", "ana@gmail.example", "--token-uri", cli.tokens.google_token_uri, *cli.smtp_flags,
+    )  # fmt: skip
+
+    assert code == 0, operator.printed + err
+    assert "No browser was found on this machine" in operator.printed
+    assert "paste it here" in operator.printed
+    assert "refresh token stored" in out
+    assert cli.store.get("gmail").refresh_token.get_secret_value().startswith("1//")
+    doctor_code, steps = doctor_steps(cli, "gmail")
+    assert doctor_code == 0 and steps["scope"]["ok"] is True
+
+
+def test_consent_google_refuses_an_address_pasted_from_another_attempt(cli, sandbox_ca, monkeypatch):
+    client_id, client_secret = cli.google_client()
+    forged = lambda landed: re.sub(r"state=[^&]+", "state=someone-elses", landed)  # noqa: E731
+    monkeypatch.setattr(sys, "stdin", PastingOperator(cli.capsys, str(sandbox_ca.ca_cert), forged))
+
+    code, _, err = cli(
+        "consent", "google", "gmail", "--client-id", client_id, "--client-secret", client_secret,
+        "--username", "ana@gmail.example", "--token-uri", cli.tokens.google_token_uri, "--no-browser",
+    )  # fmt: skip
+
+    assert code == 2
+    assert "another consent attempt" in err
+    with pytest.raises(Exception, match="gmail"):
+        cli.store.get("gmail")
 
 
 def test_consent_google_renews_the_refresh_token_of_an_existing_integration(cli, browser):
