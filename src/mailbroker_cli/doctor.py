@@ -12,7 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailbroker.errors import MailbrokerError, classify_exception, classify_token_error
+from mailbroker.errors import (
+    MailbrokerError,
+    classify_exception,
+    classify_token_error,
+    classify_transport_error,
+)
 from mailbroker.integrations import (
     DEFAULT_MICROSOFT_SCOPE,
     GOOGLE_MAIL_SCOPE,
@@ -195,7 +200,7 @@ def _google_token(integration: GoogleIntegration, http_timeout: float) -> FreshT
             context=context_of(integration),
         ) from None
     except (exceptions.TransportError, requests.RequestException, OSError) as exc:
-        raise classify_token_error(description=type(exc).__name__, provider="google") from None
+        raise classify_transport_error(exc, "google") from None
     # google-auth keeps the expiry as a naive UTC datetime.
     lifetime = calendar.timegm(creds.expiry.timetuple()) - time.time() if creds.expiry else 3600.0
     return FreshToken(

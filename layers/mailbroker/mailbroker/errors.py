@@ -513,6 +513,64 @@ def classify_token_error(
     return TokenUnavailable(f"{what} answered HTTP {status} without a token", retry_after=retry_after)
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: causes, contexts and exceptions carried in args (urllib3's
+    ``MaxRetryError.reason``, requests wrapping urllib3), without looping."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 20:
+        current = todo.pop(0)
+        if any(current is known for known in seen):
+            continue
+        seen.append(current)
+        wrapped = [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        wrapped += [arg for arg in current.args if isinstance(arg, BaseException)]
+        todo += [w for w in wrapped if isinstance(w, BaseException)]
+    return seen
+
+
+def classify_transport_error(exc: BaseException, provider: str = "") -> TokenError:
+    """A token endpoint that could not be talked to, named by what went wrong: the host name does
+    not resolve (DNS), nothing listens there (connection refused), TLS failed or the certificate is
+    not trusted, or it did not answer in time. Each has its own hint; only TLS is not retried."""
+    import socket
+    import ssl
+
+    what = f"{provider} token endpoint".strip()
+    causes = _causes(exc)
+    names = {type(c).__name__ for c in causes}
+    if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
+        reason = next(c.verify_message for c in causes if isinstance(c, ssl.SSLCertVerificationError))
+        return TokenError(f"{what}: TLS certificate not trusted: {_scrub(str(reason))}", code="tls_failed")
+    if any(isinstance(c, ssl.SSLError) for c in causes) or "SSLError" in names:
+        return TokenError(f"{what}: TLS handshake failed", code="tls_failed")
+    if any(isinstance(c, socket.gaierror) for c in causes) or "NameResolutionError" in names:
+        return TokenUnavailable(
+            f"{what} could not be reached: DNS lookup failed (the host name does not resolve)",
+            hint="Check the host name in the integration's authority, token_uri or token_url, and this "
+            "machine's DNS and network (offline?). Retried with back-off.",
+        )
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return TokenUnavailable(
+            f"{what} could not be reached: connection refused (nothing listens at that host and port)",
+            hint="Check the port and host of the integration's authority, token_uri or token_url, and any "
+            "proxy or firewall in between. Retried with back-off.",
+        )
+    if any(isinstance(c, TimeoutError | socket.timeout) for c in causes) or names & {
+        "Timeout", "ReadTimeout", "ConnectTimeout", "ReadTimeoutError", "ConnectTimeoutError"
+    }:  # fmt: skip
+        return TokenUnavailable(
+            f"{what} did not answer in time",
+            hint="The endpoint or the network is slow or dropping packets: check the network, a proxy or "
+            "firewall, and the provider's status page. Retried with back-off.",
+        )
+    return TokenUnavailable(
+        f"{what} could not be reached: {type(exc).__name__}",
+        hint="The connection failed before any answer: check the network and the endpoint URL. "
+        "Retried with back-off.",
+    )
+
+
 # --- redaction ------------------------------------------------------------------------------------
 
 # What can authenticate, by shape: a JWT (three base64url parts, the first a JSON header), Google's

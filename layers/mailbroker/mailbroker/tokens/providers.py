@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import requests
 from pydantic import SecretStr
 
-from mailbroker.errors import TokenError, classify_token_error
+from mailbroker.errors import TokenError, classify_token_error, classify_transport_error
 from mailbroker.integrations import (
     DEFAULT_MICROSOFT_AUTHORITY,
     GoogleIntegration,
@@ -354,4 +354,4 @@ class TokenProviders:
             return classify_token_error(
                 status=status, retry_after=self._session.last_retry_after, provider=provider
             )
-        return classify_token_error(description=type(exc).__name__, provider=provider)
+        return classify_transport_error(exc, provider)
