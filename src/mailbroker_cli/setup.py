@@ -13,6 +13,9 @@ from mailbroker_cli.context import CliError, Context
 from mailbroker_cli.output import Output
 
 OBJECT_ID_PLACEHOLDER = "<Enterprise Application object id>"
+# What the app needs for SMTP: Exchange Online's SMTP.SendAsApp, consented as this resource's .default.
+EXCHANGE_DEFAULT_SCOPE = "https://outlook.office365.com/.default"
+DEFAULT_REDIRECT_URI = "http://localhost"
 
 
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -31,6 +34,12 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         help="the service principal's object id: Entra admin center > Enterprise applications > the app "
         "> Overview > Object ID (not the App registration's object id)",
     )
+    microsoft.add_argument(
+        "--redirect-uri",
+        default=DEFAULT_REDIRECT_URI,
+        help="where Entra sends the browser after consent: a redirect URI registered on the app "
+        f"(default {DEFAULT_REDIRECT_URI}; add it under Authentication > Mobile and desktop applications)",
+    )
     microsoft.set_defaults(handler=setup_microsoft)
 
 
@@ -38,14 +47,18 @@ def setup_microsoft(args: argparse.Namespace, ctx: Context, out: Output) -> int:
     integration = ctx.integrations.get(args.id)
     if not isinstance(integration, MicrosoftIntegration):
         raise CliError(f"integration {args.id!r} is a {integration.provider} integration, not microsoft")
-    plan = microsoft_plan(integration, args.object_id)
+    plan = microsoft_plan(integration, args.object_id, args.redirect_uri)
     if out.as_json:
         out.json(plan)
         return 0
     out.line(out.paint("1. Grant admin consent", "bold") + " (a Global or Privileged Role Administrator):")
     out.line(f"   {plan['admin_consent_url']}")
+    out.line(f"   The browser then lands on {args.redirect_uri}?admin_consent=True&tenant=… (it must be a")
+    out.line("   redirect URI of the app; the consent is recorded even if that page does not load).")
     out.line("   The app registration needs the application permission Office 365 Exchange Online >")
     out.line("   SMTP.SendAsApp (API permissions > Add a permission > APIs my organization uses).")
+    out.line("   The Microsoft Graph User.Read permission a new registration starts with is not used by")
+    out.line("   mailbroker: you can remove it.")
     out.line()
     out.line(out.paint("2. Exchange Online PowerShell", "bold") + " (as an Exchange administrator):")
     if not args.object_id:
@@ -56,16 +69,32 @@ def setup_microsoft(args: argparse.Namespace, ctx: Context, out: Output) -> int:
     for command in plan["powershell"]:
         out.line(f"   {command}")
     out.line()
-    out.line(f"3. Check it: mailbroker doctor {integration.id}")
+    out.line(
+        out.paint("3. Verify", "bold") + " that Exchange knows the app under the right ids (AppId is the"
+    )
+    out.line("   client id, ObjectId the Enterprise Application's object id):")
+    out.line(f"   {plan['verify']}")
+    out.line()
+    out.line(f"4. Check it end to end: mailbroker doctor {integration.id}")
     return 0
 
 
-def microsoft_plan(integration: MicrosoftIntegration, object_id: str | None) -> dict[str, Any]:
+def admin_consent_url(integration: MicrosoftIntegration, redirect_uri: str = DEFAULT_REDIRECT_URI) -> str:
+    """The Microsoft identity platform v2.0 admin-consent URL for the Exchange Online scope."""
+    query = urlencode(
+        {"client_id": integration.client_id, "scope": EXCHANGE_DEFAULT_SCOPE, "redirect_uri": redirect_uri},
+        safe=":/",
+    )
+    return f"{integration.authority}/{integration.tenant_id}/v2.0/adminconsent?{query}"
+
+
+def microsoft_plan(
+    integration: MicrosoftIntegration, object_id: str | None, redirect_uri: str = DEFAULT_REDIRECT_URI
+) -> dict[str, Any]:
     principal = object_id or OBJECT_ID_PLACEHOLDER
     quoted = f'"{principal}"' if object_id else principal
     mailbox = integration.username
     send_as = sorted({s.email for s in integration.senders} | {mailbox}, key=str.lower)
-    query = urlencode({"client_id": integration.client_id})
     commands = [
         "Install-Module -Name ExchangeOnlineManagement -Scope CurrentUser   # once",
         f'Connect-ExchangeOnline -Organization "{integration.tenant_id}"',
@@ -81,8 +110,10 @@ def microsoft_plan(integration: MicrosoftIntegration, object_id: str | None) -> 
     commands.append(f'Set-CASMailbox -Identity "{mailbox}" -SmtpClientAuthenticationDisabled $false')
     return {
         "integration": integration.id,
-        "admin_consent_url": f"{integration.authority}/{integration.tenant_id}/adminconsent?{query}",
+        "admin_consent_url": admin_consent_url(integration, redirect_uri),
         "permission": "Office 365 Exchange Online / SMTP.SendAsApp (application)",
         "object_id": object_id,
         "powershell": commands,
+        "verify": f"Get-ServicePrincipal -Identity {quoted} | Format-List DisplayName,AppId,ObjectId",
+        "unused_permission": "Microsoft Graph / User.Read (delegated) is not used and can be removed",
     }

@@ -528,9 +528,11 @@ def test_setup_microsoft_prints_consent_url_and_powershell_with_the_values_fille
 
     assert code == 0
     assert (
-        f"{document['authority']}/{document['tenant_id']}/adminconsent?client_id={document['client_id']}"
-        in out
-    )
+        f"{document['authority']}/{document['tenant_id']}/v2.0/adminconsent?client_id={document['client_id']}"
+        "&scope=https://outlook.office365.com/.default&redirect_uri=http://localhost"
+    ) in out.split()
+    assert f'Get-ServicePrincipal -Identity "{object_id}" | Format-List DisplayName,AppId,ObjectId' in out
+    assert "User.Read permission" in out and "you can remove it" in out
     assert f'New-ServicePrincipal -AppId "{document["client_id"]}" -ObjectId "{object_id}"' in out
     assert (
         f'Add-MailboxPermission -Identity "m365@contoso.example" -User "{object_id}" -AccessRights FullAccess'
@@ -538,6 +540,21 @@ def test_setup_microsoft_prints_consent_url_and_powershell_with_the_values_fille
     )
     assert f'Add-RecipientPermission -Identity "m365@contoso.example" -Trustee "{object_id}"' in out
     assert 'Set-CASMailbox -Identity "m365@contoso.example" -SmtpClientAuthenticationDisabled $false' in out
+
+
+def test_setup_microsoft_consent_url_takes_the_apps_own_redirect_uri(cli):
+    document = cli.microsoft("m365")
+
+    code, plan = cli.json(
+        "setup", "microsoft", "m365", "--redirect-uri", "https://app.contoso.example/consented"
+    )
+
+    assert code == 0
+    assert plan["admin_consent_url"].endswith(
+        f"/{document['tenant_id']}/v2.0/adminconsent?client_id={document['client_id']}"
+        "&scope=https://outlook.office365.com/.default&redirect_uri=https://app.contoso.example/consented"
+    )
+    assert plan["verify"].startswith("Get-ServicePrincipal -Identity <Enterprise Application object id>")
 
 
 def test_setup_microsoft_without_object_id_says_which_object_id_to_use(cli):
