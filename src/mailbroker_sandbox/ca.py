@@ -4,6 +4,10 @@ The sandbox's HTTPS token endpoints and its SMTP server (STARTTLS and implicit T
 certificates for ``localhost`` and ``127.0.0.1`` signed by this CA. Clients trust it the standard
 way — ``SSL_CERT_FILE`` for the ``ssl`` module, ``REQUESTS_CA_BUNDLE`` for requests (MSAL,
 google-auth) — never by turning verification off. ``trust_env()`` gives those variables.
+
+``shell_trust_env()`` is what an operator exports in a shell (``mailbroker local`` prints it): a
+bundle of the system's CAs plus the sandbox CA, so that the same shell still reaches real HTTPS
+sites (pip, the AWS CLI, git) while it talks to the sandbox.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class SandboxCA:
     server_key: Path
     untrusted_cert: Path  # a self-signed server cert no client trusts (for TLS failure tests)
     untrusted_key: Path
+    bundle: Path  # the system's CAs followed by the sandbox CA: for a shell that also talks to the world
 
     def server_context(self, *, trusted: bool = True) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -39,6 +44,24 @@ class SandboxCA:
     def trust_env(self) -> dict[str, str]:
         """Environment variables that make ssl and requests trust this CA."""
         return {"SSL_CERT_FILE": str(self.ca_cert), "REQUESTS_CA_BUNDLE": str(self.ca_cert)}
+
+    def shell_trust_env(self) -> dict[str, str]:
+        """The same variables pointing at the bundle of system CAs plus this CA."""
+        return {"SSL_CERT_FILE": str(self.bundle), "REQUESTS_CA_BUNDLE": str(self.bundle)}
+
+
+def system_ca_file() -> Path | None:
+    """The trust store OpenSSL uses by default (the distribution's bundle), else certifi's, which
+    requests uses by default; None when neither exists."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    try:
+        import certifi
+    except ImportError:  # pragma: no cover - requests depends on certifi
+        return None
+    return Path(certifi.where())
 
 
 def create_ca(directory: str | Path | None = None) -> SandboxCA:
@@ -127,6 +150,9 @@ def create_ca(directory: str | Path | None = None) -> SandboxCA:
         "untrusted.pem": rogue_cert.public_bytes(pem),
         "untrusted.key": key_pem(rogue_key),
     }
+    system = system_ca_file()
+    system_pem = system.read_bytes().rstrip(b"\n") + b"\n" if system else b""
+    files["bundle.pem"] = system_pem + files["ca.pem"]
     for filename, data in files.items():
         target = path / filename
         target.write_bytes(data)
@@ -139,4 +165,5 @@ def create_ca(directory: str | Path | None = None) -> SandboxCA:
         server_key=path / "server.key",
         untrusted_cert=path / "untrusted.pem",
         untrusted_key=path / "untrusted.key",
+        bundle=path / "bundle.pem",
     )

@@ -90,6 +90,8 @@ class Sandbox:
         self._handlers: dict[str, Any] = {}
         self._invoke_lock = threading.Lock()
         self._alert_queue_url = ""
+        # The Google stand-in's OAuth client, as Google's client JSON (set by register_demo).
+        self.google_client: dict[str, Any] | None = None
         # The queue the template's optional delivery-events rule targets (EventsTargetArn).
         self.events_queue_url = ""
 
@@ -364,15 +366,15 @@ class Sandbox:
         secret = _secret()
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=20)
         tokens.register_microsoft_app(tenant, app, secret)
-        smtp.add_mailbox("support@contoso.example", allowed_clients=[app])
+        smtp.add_mailbox("support@contoso.com", allowed_clients=[app])
         add(
             {
-                "id": "m365",
+                "id": "support-m365",
                 "provider": "microsoft",
-                "username": "support@contoso.example",
+                "username": "support@contoso.com",
                 "senders": [
-                    {"email": "support@contoso.example", "name": "Contoso Support"},
-                    {"email": "billing@contoso.example", "name": "Contoso Billing"},
+                    {"email": "support@contoso.com", "name": "Contoso Support"},
+                    {"email": "billing@contoso.com", "name": "Contoso Billing"},
                 ],
                 "tenant_id": tenant,
                 "client_id": app,
@@ -382,9 +384,9 @@ class Sandbox:
                 "smtp_check": True,
             },
             Demo(
-                "m365",
+                "support-m365",
                 "microsoft",
-                "support@contoso.example",
+                "support@contoso.com",
                 "MSAL client credentials",
                 "no SendAs on billing@; secret expires in 20 days",
             ),
@@ -393,11 +395,20 @@ class Sandbox:
         client_id = f"{secrets.randbelow(10**12)}-sandbox.apps.googleusercontent.com"
         client_secret = "GOCSPX-" + _secret()
         tokens.register_google_client(client_id, client_secret)
+        self.google_client = {
+            "installed": {
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "auth_uri": tokens.authorization_url,
+                "token_uri": tokens.google_token_uri,
+                "redirect_uris": ["http://localhost"],
+            }
+        }
         refresh = tokens.issue_refresh_token(client_id, "ana@gmail.example")
         smtp.add_mailbox("ana@gmail.example")
         add(
             {
-                "id": "gmail",
+                "id": "support-gmail",
                 "provider": "google",
                 "username": "ana@gmail.example",
                 "client_id": client_id,
@@ -405,14 +416,14 @@ class Sandbox:
                 "refresh_token": refresh,
                 "token_uri": tokens.google_token_uri,
             },
-            Demo("gmail", "google", "ana@gmail.example", "refresh token (google-auth)"),
+            Demo("support-gmail", "google", "ana@gmail.example", "refresh token (google-auth)"),
         )
         # Workspace: a service account with domain-wide delegation for one mailbox.
         key = tokens.register_service_account(allowed_subjects=["billing@fabrikam.example"])
         smtp.add_mailbox("billing@fabrikam.example")
         add(
             {
-                "id": "workspace",
+                "id": "billing-ws",
                 "provider": "google_service_account",
                 "username": "billing@fabrikam.example",
                 "service_account_info": key,
@@ -420,7 +431,7 @@ class Sandbox:
                 "token_uri": tokens.google_token_uri,
             },
             Demo(
-                "workspace", "google_service_account", "billing@fabrikam.example", "JWT bearer (google-auth)"
+                "billing-ws", "google_service_account", "billing@fabrikam.example", "JWT bearer (google-auth)"
             ),
         )
         # Any OAuth2 server: client credentials.
@@ -444,13 +455,13 @@ class Sandbox:
         smtp.add_mailbox("alerts@relay.example", password=password)
         add(
             {
-                "id": "relay-basic",
+                "id": "relay",
                 "provider": "basic",
                 "username": "alerts@relay.example",
                 "password": password,
                 "smtp_check": True,
             },
-            Demo("relay-basic", "basic", "alerts@relay.example", "AUTH PLAIN"),
+            Demo("relay", "basic", "alerts@relay.example", "AUTH PLAIN"),
         )
         # A Gmail user who removed the app's access: its refresh token is dead.
         revoked = tokens.issue_refresh_token(client_id, "bo@gmail.example")
@@ -721,6 +732,10 @@ def serve(*, template: str = "template.yaml", port: int = 0, demo: bool = True, 
 
 def _serve(sandbox: Sandbox, port: int, demo: bool, out: Any, log_path: Path) -> None:
     demos = sandbox.register_demo() if demo else []
+    if sandbox.google_client is not None:
+        client_file = sandbox.workdir / "google-client.json"
+        client_file.write_text(json.dumps(sandbox.google_client, indent=2), encoding="utf-8")
+        client_file.chmod(0o600)
     sandbox.subscribe_alerts()
     api = _ApiServer(sandbox, port)
     stop = threading.Event()
@@ -748,7 +763,10 @@ def _serve(sandbox: Sandbox, port: int, demo: bool, out: Any, log_path: Path) ->
 
 
 def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_path: Path) -> None:
-    env = sandbox.env
+    # A shell that exports these still trusts the system's CAs: the bundle holds them and the sandbox CA.
+    env = {**sandbox.env, **sandbox.ca.shell_trust_env()}
+    client_file = sandbox.workdir / "google-client.json"
+    google = (sandbox.google_client or {}).get("installed")
     if out.as_json:
         out.json(
             {
@@ -757,9 +775,13 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
                 "integrations": [d.id for d in demos],
                 "smtp": f"127.0.0.1:{sandbox.smtp.port}",
                 "token_endpoints": sandbox.tokens.base_url,
+                "google_oauth_client": (
+                    {"client_id": google["client_id"], "client_secrets_file": str(client_file)}
+                    if google
+                    else None
+                ),
                 "log": str(log_path),
                 "workdir": str(sandbox.workdir),
-                "delivery_events_queue": sandbox.events_queue_url,
             }
         )
         return
@@ -770,36 +792,63 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
     out.line(f"  token endpoints {sandbox.tokens.base_url}")
     out.line(f"  SMTP            127.0.0.1:{sandbox.smtp.port} (STARTTLS, sandbox CA)")
     out.line(f"  function logs   {log_path}")
-    if sandbox.events_queue_url:
-        out.line(f"  delivery events {sandbox.events_queue_url} (SQS target of the delivery-events rule)")
     if demos:
         out.line(f"  integrations    {', '.join(d.id for d in demos)}")
+    if google:
+        out.line(f"  Google OAuth    client {google['client_id']} (with its secret: {client_file})")
     out.line()
-    out.line("In another shell, point the CLI and the AWS CLI at it:")
-    keys = (
-        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-        "AWS_DEFAULT_REGION", "SECRET_PREFIX", "TOKEN_TABLE", "MESSAGE_TABLE", "SEND_QUEUE_URL",
-        "DEAD_LETTER_QUEUE_URL", "ALERT_TOPIC_ARN", "TOKEN_KEY_ID", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
-    )  # fmt: skip
-    for key in keys:
-        if key in env:
-            out.line(f"  export {key}='{env[key]}'")
-    out.line()
-    out.line("Then, for example:")
-    out.line(f"  curl -s -X POST {url}/v1/integrations/m365/token")
-    out.line(f"  curl -s {url}/v1/integrations/gmail/health")
+    for line in local_examples(env, url, client_file if google else None, sandbox.smtp.port):
+        out.line(line)
+
+
+SHELL_KEYS = (
+    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION", "SECRET_PREFIX", "TOKEN_TABLE", "MESSAGE_TABLE", "SEND_QUEUE_URL",
+    "DEAD_LETTER_QUEUE_URL", "ALERT_TOPIC_ARN", "TOKEN_KEY_ID", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+)  # fmt: skip
+
+
+def local_examples(env: Mapping[str, str], url: str, google_client: Path | None, smtp_port: int) -> list[str]:
+    """What ``mailbroker local`` prints for another shell: each line works exactly as printed, from
+    the repository's directory (the README's walkthrough runs them)."""
+    lines = [
+        "In another shell, in this directory, put the CLI on PATH and point it and the AWS CLI here",
+        "(SSL_CERT_FILE / REQUESTS_CA_BUNDLE: the system's CAs plus the sandbox CA):",
+        "  source .venv/bin/activate",
+    ]
+    lines += [f"  export {key}='{env[key]}'" for key in SHELL_KEYS if key in env]
     body = json.dumps(
         {
-            "integration": "gmail",
+            "integration": "support-gmail",
             "from": "ana@gmail.example",
             "to": ["you@example.com"],
             "subject": "Hello from the sandbox",
             "text": "It works.",
         }
     )
-    out.line(f"  aws sqs send-message --queue-url \"$SEND_QUEUE_URL\" --message-body '{body}'")
-    out.line(f"  curl -s -X POST {url}/v1/messages -d '{body}'")
-    out.line("  mailbroker integration list;  mailbroker doctor m365;  mailbroker dlq list")
+    lines += [
+        "",
+        "Then, for example:",
+        "  mailbroker integration list",
+        "  mailbroker send --file events/message.json --wait",
+        "  mailbroker status order-8812-confirmation",
+        "  mailbroker test support-m365 --to you@example.com --wait",
+        "  mailbroker doctor support-m365",
+        "  mailbroker dlq list",
+        f"  curl -s -X POST {url}/v1/integrations/support-m365/token",
+        f"  curl -s {url}/v1/integrations/support-gmail/health",
+        f"  curl -s -X POST {url}/v1/messages -H 'content-type: application/json' -d '{body}'",
+        "  # AWS CLI v1 and v2 alike (v2.13+ and v1.29+ also read AWS_ENDPOINT_URL by themselves):",
+        '  aws --endpoint-url "$AWS_ENDPOINT_URL" sqs send-message --queue-url "$SEND_QUEUE_URL" '
+        + f"--message-body '{body}'",
+    ]
+    if google_client is not None:
+        lines += [
+            "  # Gmail consent against the Google stand-in (no browser here: approve anywhere, paste back):",
+            f"  mailbroker consent google my-gmail --client-secrets {google_client} "
+            f"--username ana@gmail.example --smtp-host 127.0.0.1 --smtp-port {smtp_port}",
+        ]
+    return lines
 
 
 def _poll_forever(poller: QueuePoller, stop: threading.Event) -> None:

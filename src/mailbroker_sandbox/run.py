@@ -67,8 +67,8 @@ def demo_messages() -> list[DemoMessage]:
         DemoMessage(
             message(
                 "order-8812",
-                "m365",
-                {"email": "support@contoso.example", "name": "Contoso Support"},
+                "support-m365",
+                {"email": "support@contoso.com", "name": "Contoso Support"},
                 "customer@example.com",
                 "Your order 8812 has shipped",
             ),
@@ -78,8 +78,8 @@ def demo_messages() -> list[DemoMessage]:
         DemoMessage(
             message(
                 "invoice-2211",
-                "m365",
-                {"email": "billing@contoso.example", "name": "Contoso Billing"},
+                "support-m365",
+                {"email": "billing@contoso.com", "name": "Contoso Billing"},
                 "customer@example.com",
                 "Invoice 2211",
             ),
@@ -87,13 +87,15 @@ def demo_messages() -> list[DemoMessage]:
             "fails for good: the mailbox has no SendAs right on billing@",
         ),
         DemoMessage(
-            message("welcome-ana", "gmail", "ana@gmail.example", "friend@example.org", "Welcome aboard"),
+            message(
+                "welcome-ana", "support-gmail", "ana@gmail.example", "friend@example.org", "Welcome aboard"
+            ),
             "http",
             "delivered",
         ),
         DemoMessage(
             message(
-                "receipt-77", "workspace", "billing@fabrikam.example", "client@example.org", "Receipt 77"
+                "receipt-77", "billing-ws", "billing@fabrikam.example", "client@example.org", "Receipt 77"
             ),
             "http",
             "delivered",
@@ -104,9 +106,7 @@ def demo_messages() -> list[DemoMessage]:
             "delivered (posted straight to SQS)",
         ),
         DemoMessage(
-            message(
-                "alert-disk", "relay-basic", "alerts@relay.example", THROTTLED_RECIPIENT, "Disk 91% full"
-            ),
+            message("alert-disk", "relay", "alerts@relay.example", THROTTLED_RECIPIENT, "Disk 91% full"),
             "http",
             "throttled once (450 4.2.1), then delivered",
         ),

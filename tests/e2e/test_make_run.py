@@ -55,7 +55,7 @@ def test_make_run_completes_within_a_minute(run):
 @pytest.mark.xdist_group("make-run")
 def test_make_run_prints_a_redacted_token_for_each_oauth_provider(run):
     out = section(run[0].stdout, "▸ Tokens")
-    for integration in ("m365", "gmail", "workspace", "relay-oauth2"):
+    for integration in ("support-m365", "support-gmail", "billing-ws", "relay-oauth2"):
         line = next(line for line in out.splitlines() if line.strip().startswith(integration + " "))
         assert re.search(r"…\[\d+ chars, sha256 [0-9a-f]{8}\]\s+\d+ s\s+provider\s+memory", line), line
     assert "gmail-revoked  ✗ token_invalid_grant" in out
@@ -66,7 +66,7 @@ def test_make_run_shows_deliveries_with_server_replies_and_the_failure_with_code
     out = run[0].stdout
     for message in ("order-8812", "welcome-ana", "receipt-77", "report-q3"):
         assert re.search(rf"{message}\s+\S+\s+sent\s+1\s+250 2\.0\.0 OK <", out), message
-    assert re.search(r"alert-disk\s+relay-basic\s+sent\s+2\s+250 2\.0\.0 OK", out)  # throttled once
+    assert re.search(r"alert-disk\s+relay\s+sent\s+2\s+250 2\.0\.0 OK", out)  # throttled once
     assert "invoice-2211 failed for good: send_as_denied" in out
     hint = r"hint: The mailbox \S+ may not send as this 'from' address.*Add-RecipientPermission"
     assert re.search(hint, out)
@@ -90,9 +90,9 @@ def test_make_run_shows_health_alerts_and_token_calls_per_credential(run):
     assert re.search(r"gmail-revoked\s+unhealthy\s+.*token_invalid_grant", out)
     assert "mailbroker: gmail-revoked needs re-consent" in out
     assert "run: mailbroker consent google gmail-revoked" in out
-    assert "mailbroker: client secret of m365 expires" in out
+    assert "mailbroker: client secret of support-m365 expires" in out
     calls = section(out, "▸ Token calls per credential")
-    for integration in ("m365", "gmail", "workspace", "relay-oauth2"):
+    for integration in ("support-m365", "support-gmail", "billing-ws", "relay-oauth2"):
         assert re.search(rf"^\s+{re.escape(integration)}\s+.+\s1$", calls, re.MULTILINE), integration
 
 

@@ -38,12 +38,12 @@ def test_local_serves_the_http_api_and_delivers_queued_mail_until_interrupted(lo
     process, info = local
     api = info["http_api"]
 
-    token_status, token = call(f"{api}/v1/integrations/m365/token", "POST")
+    token_status, token = call(f"{api}/v1/integrations/support-m365/token", "POST")
     queued_status, queued = call(
         f"{api}/v1/messages",
         "POST",
-        {"integration": "gmail", "id": "local-1", "from": "ana@gmail.example", "to": ["you@example.com"],
-         "subject": "Hello", "text": "It works."},
+        {"integration": "support-gmail", "id": "local-1", "from": "ana@gmail.example",
+         "to": ["you@example.com"], "subject": "Hello", "text": "It works."},
     )  # fmt: skip
     deadline = time.monotonic() + 20
     record: dict = {}
@@ -58,5 +58,11 @@ def test_local_serves_the_http_api_and_delivers_queued_mail_until_interrupted(lo
     assert queued_status == 202 and queued == {"id": "local-1", "status": "queued"}
     assert record["status"] == "sent" and record["reply"].startswith("250 2.0.0 OK")
     assert code == 0
-    assert set(info["integrations"]) >= {"m365", "gmail", "workspace", "relay-oauth2", "relay-basic"}
+    assert set(info["integrations"]) >= {
+        "support-m365",
+        "support-gmail",
+        "billing-ws",
+        "relay-oauth2",
+        "relay",
+    }
     assert info["environment"]["SEND_QUEUE_URL"].startswith("http://127.0.0.1:")
