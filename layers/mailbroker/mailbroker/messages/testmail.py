@@ -38,4 +38,5 @@ def send_test_mail(queue: Any, integrations: Any, integration_id: str, to: str) 
     """Queue a test mail; answers ``{"id", "status"}``. Raises ``UnknownIntegration`` (404) for an
     integration that does not exist and ``InvalidMessage`` (400) for a bad ``to``."""
     integration = integrations.get(integration_id)
-    return queue.enqueue(build_test_mail(integration, to))
+    answer: dict[str, str] = queue.enqueue(build_test_mail(integration, to))
+    return answer
