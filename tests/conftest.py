@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures.smtp",
     "tests.fixtures.aws",
     "tests.fixtures.pipeline",
+    "tests.fixtures.mail_apis",
 ]
 
 

@@ -88,7 +88,7 @@ class _MicrosoftApp:
     object_id: str  # the Enterprise application's (service principal's) Object ID: the token's oid
     secret_expires_at: float | None = None
     application_object_id: str = ""  # the App registration's Object ID, a different GUID
-    graph_roles: tuple[str, ...] = ()  # Microsoft Graph application permissions granted
+    graph_roles: tuple[str, ...] = ("Mail.Send",)  # Microsoft Graph application permissions granted
 
 
 @dataclass
@@ -437,6 +437,10 @@ class TokenServer:
         return f"{self.base_url}/oauth2/token"
 
     @property
+    def tokeninfo_url(self) -> str:
+        return f"{self.base_url}/tokeninfo"
+
+    @property
     def introspection_url(self) -> str:
         return f"{self.base_url}/introspect"
 
@@ -461,7 +465,7 @@ class TokenServer:
         roles: Iterable[str] = ("SMTP.SendAsApp",),
         audience: str = "https://outlook.office.com",
         secret_expires_at: float | None = None,
-        graph_roles: Iterable[str] = (),
+        graph_roles: Iterable[str] = ("Mail.Send",),
     ) -> None:
         """Register (or re-register with a new secret) an app in a tenant. ``secret_expires_at``
         (epoch seconds) makes the secret answer AADSTS7000222 once past. ``roles`` are the
@@ -680,6 +684,8 @@ class TokenServer:
                 return self._ms_keys(match["tenant"])
             if req.path == "/o/oauth2/auth":
                 return self._google_authorize(req)
+            if req.path == "/tokeninfo":
+                return self._google_tokeninfo(req)
         elif req.method == "POST":
             if match := _MS_TOKEN.fullmatch(req.path):
                 return self._token_request(req, "microsoft", match["tenant"])
@@ -1371,6 +1377,24 @@ class TokenServer:
         )
 
     # RFC 7662
+
+    def _google_tokeninfo(self, req: _Request) -> _Reply:
+        """Google's ``tokeninfo``: what a Google access token is for (its scope, client, user)."""
+        view = self.introspect(req.query.get("access_token") or "")
+        if view is None or not view["active"] or not str(view["provider"]).startswith("google"):
+            return _Reply(400, {"error": "invalid_token", "error_description": "Invalid Value"})
+        return _Reply(
+            200,
+            {
+                "azp": view["client_id"],
+                "aud": view["aud"],
+                "scope": view["scope"],
+                "exp": str(int(view["exp"])),
+                "expires_in": str(max(int(view["exp"] - time.time()), 0)),
+                "email": view["sub"],
+                "email_verified": "true",
+            },
+        )
 
     def _introspect_request(self, req: _Request) -> _Reply:
         token = req.form.get("token")

@@ -208,9 +208,10 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "throttled",
         True,
         503,
-        "The server asked to slow down (432 4.3.2, 421, 451 4.7.x, 454 4.7.0, 450 4.2.1). Retried "
-        "with back-off; lower the integration's limits if it recurs (Microsoft 365: 30 msg/min, 3 "
-        "connections per mailbox).",
+        "The server asked to slow down (432 4.3.2, 421, 451 4.7.x, 454 4.7.0, 450 4.2.1; HTTP 429 "
+        "or Gmail rateLimitExceeded). Retried with back-off, never sooner than its Retry-After; "
+        "lower the integration's limits if it recurs (Microsoft 365: 30 msg/min, 3 SMTP connections "
+        "or 4 Graph requests at once per mailbox).",
     ),
     ErrorKind(
         "recipient_rejected",
@@ -223,7 +224,8 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "message_too_large",
         False,
         502,
-        "The message exceeds the server's SIZE limit (552 or the EHLO SIZE): send smaller "
+        "The message exceeds the server's size limit (SMTP 552 or the EHLO SIZE; Graph 413 / "
+        "ErrorMessageSizeExceeded or its 4 MB request limit; Gmail's 35 MB): send smaller "
         "attachments or a link instead.",
     ),
     ErrorKind(
@@ -260,6 +262,89 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "The connection was lost after the message body was sent but before the server's reply: "
         "the server may have accepted it. It is not resent automatically, to avoid a duplicate; "
         "check the recipient's mailbox, then re-drive it from the dead-letter queue if it is missing.",
+    ),
+    # --- the HTTP transports (Microsoft Graph sendMail, Gmail API users.messages.send) ---------
+    ErrorKind(
+        "api_auth_failed",
+        False,
+        502,
+        "The mail API refused the access token even after a fresh one (401). Graph needs a token "
+        "for 'https://graph.microsoft.com' (scope https://graph.microsoft.com/.default, set by "
+        "transport 'graph'), not an Outlook/SMTP token; Gmail needs the mailbox's own token "
+        "(username, or the service account's subject). 'mailbroker doctor <id>' shows the claims.",
+    ),
+    ErrorKind(
+        "graph_access_denied",
+        False,
+        502,
+        "Graph answered 403 ErrorAccessDenied: the app lacks the Mail.Send application permission "
+        "(SMTP.SendAsApp does not count), admin consent is missing, or an application access policy "
+        "or RBAC for Applications leaves this mailbox out. 'mailbroker setup microsoft <id> "
+        "--transport graph' prints the grants, e.g. Test-ApplicationAccessPolicy -Identity <mailbox> "
+        "-AppId <client_id> and New-ManagementRoleAssignment -App <service principal> "
+        "-Role 'Application Mail.Send' -CustomResourceScope <scope>.",
+    ),
+    ErrorKind(
+        "mailbox_not_found",
+        False,
+        502,
+        "The API does not know this mailbox (Graph 404 ErrorInvalidUser or "
+        "MailboxNotEnabledForRESTAPI: wrong username, an unlicensed, soft-deleted or on-premises "
+        "mailbox; Gmail 404). Fix the integration's username or license the mailbox.",
+    ),
+    ErrorKind(
+        "api_access_denied",
+        False,
+        502,
+        "The mail API refused this mailbox (403) for a reason other than the token's scope, e.g. "
+        "a Workspace domain policy that blocks API access: its answer is in 'message'.",
+    ),
+    ErrorKind(
+        "gmail_insufficient_scope",
+        False,
+        502,
+        "Gmail answered 403 insufficientPermissions: the token lacks "
+        "https://www.googleapis.com/auth/gmail.send (or https://mail.google.com/). Refresh-token "
+        "integrations: re-consent with that scope ('mailbroker consent google <id>'); service "
+        "accounts: add the scope to the client's domain-wide delegation in the Admin console.",
+    ),
+    ErrorKind(
+        "gmail_api_disabled",
+        False,
+        502,
+        "The Gmail API is not enabled in the OAuth client's Google Cloud project (403 "
+        "accessNotConfigured / SERVICE_DISABLED): enable it under APIs & Services > Library > "
+        "Gmail API, wait a few minutes, and retry.",
+    ),
+    ErrorKind(
+        "gmail_not_enabled",
+        False,
+        502,
+        "Gmail answered 400 failedPrecondition: Gmail is not enabled for this user (Workspace Admin "
+        "console > Apps > Google Workspace > Gmail: service status for the user's organisational "
+        "unit), or the account has no Gmail mailbox.",
+    ),
+    ErrorKind(
+        "gmail_quota_exceeded",
+        True,
+        503,
+        "A Gmail daily sending quota is used up (dailyLimitExceeded; Workspace allows 2,000 messages "
+        "and 10,000 recipients a day per user). Retried later, not dead-lettered at once; spread the "
+        "load over more mailboxes or lower the integration's limits.",
+    ),
+    ErrorKind(
+        "api_rejected_message",
+        False,
+        502,
+        "The mail API refused the message as invalid (Graph 400, Gmail 400 invalidArgument): its "
+        "answer is in 'message'; fix the message's addresses or headers.",
+    ),
+    ErrorKind(
+        "api_transient",
+        True,
+        503,
+        "A temporary failure of the mail API (5xx, or the connection failed before the request was "
+        "sent). Retried with back-off.",
     ),
     ErrorKind(
         "expired",

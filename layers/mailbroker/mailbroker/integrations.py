@@ -30,11 +30,48 @@ DEFAULT_MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
 DEFAULT_GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
 
+DEFAULT_GRAPH_ENDPOINT = "https://graph.microsoft.com"
+DEFAULT_GMAIL_ENDPOINT = "https://gmail.googleapis.com"
+GRAPH_APP_SCOPE = "https://graph.microsoft.com/.default"
+GRAPH_DELEGATED_SCOPE = "https://graph.microsoft.com/Mail.Send offline_access"
+GMAIL_SEND_SCOPE = "https://www.googleapis.com/auth/gmail.send"
+
 # Per-provider default sending limits (Microsoft 365: 30 messages a minute, 3 connections a mailbox).
 PROVIDER_LIMITS: dict[str, dict[str, int]] = {
     "microsoft": {"messages_per_minute": 30, "max_connections": 3},
     "google": {"messages_per_minute": 60, "max_connections": 3},
     "google_service_account": {"messages_per_minute": 60, "max_connections": 3},
+}
+# Per-transport defaults, over the provider's: Exchange Online allows 4 concurrent Graph requests
+# per mailbox, 30 messages a minute and 10,000 recipients a day; Google Workspace 10,000
+# recipients a day per user.
+TRANSPORT_LIMITS: dict[str, dict[str, int]] = {
+    "graph": {"messages_per_minute": 30, "max_connections": 4, "recipients_per_day": 10_000},
+    "gmail_api": {"messages_per_minute": 60, "max_connections": 3, "recipients_per_day": 10_000},
+}
+
+# Which providers each transport can send for, and what a transport asks of the token's scope.
+TRANSPORT_PROVIDERS: dict[str, frozenset[str]] = {
+    "graph": frozenset({"microsoft", "microsoft_delegated"}),
+    "gmail_api": frozenset({"google", "google_service_account"}),
+}
+_TRANSPORT_SCOPES: dict[str, dict[str, str]] = {
+    "graph": {"microsoft": GRAPH_APP_SCOPE, "microsoft_delegated": GRAPH_DELEGATED_SCOPE},
+}
+_GMAIL_SEND_SCOPES = frozenset(
+    {
+        GMAIL_SEND_SCOPE,
+        GOOGLE_MAIL_SCOPE,
+        "https://www.googleapis.com/auth/gmail.compose",
+        "https://www.googleapis.com/auth/gmail.modify",
+    }
+)
+# The SMTP endpoint an integration on an HTTP transport keeps (for a later switch back to smtp).
+_PROVIDER_SMTP_HOSTS = {
+    "microsoft": "smtp.office365.com",
+    "microsoft_delegated": "smtp.office365.com",
+    "google": "smtp.gmail.com",
+    "google_service_account": "smtp.gmail.com",
 }
 
 
@@ -113,7 +150,10 @@ def _https_url(value: str, field_name: str) -> str:
 
 class _IntegrationBase(_Model):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    transport: Literal["smtp", "graph", "gmail_api"] = "smtp"
     smtp: SmtpEndpoint
+    graph_endpoint: str | None = None
+    gmail_endpoint: str | None = None
     username: str = Field(min_length=1, max_length=254)
     senders: list[Sender] = Field(default_factory=list)
     usage: list[str] = Field(default_factory=lambda: ["transactional"])
@@ -121,6 +161,54 @@ class _IntegrationBase(_Model):
     smtp_check: bool = False  # the keeper runs the live SMTP check for this integration
     # The default of its messages' ``tracking``.
     tracking: Tracking = Field(default_factory=Tracking)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _transport_defaults(cls, data: Any) -> Any:
+        """An HTTP transport brings its own defaults: the scope its API needs and, since no SMTP
+        server is used, the provider's well-known SMTP endpoint."""
+        if not isinstance(data, dict) or data.get("transport") not in TRANSPORT_PROVIDERS:
+            return data
+        provider = data.get("provider")
+        filled = dict(data)
+        scope = _TRANSPORT_SCOPES.get(data["transport"], {}).get(str(provider))
+        if scope is not None and "scope" not in filled:
+            filled["scope"] = scope
+        if "smtp" not in filled and provider in _PROVIDER_SMTP_HOSTS:
+            filled["smtp"] = {"host": _PROVIDER_SMTP_HOSTS[str(provider)]}
+        return filled
+
+    @model_validator(mode="after")
+    def _transport_fits(self) -> _IntegrationBase:
+        provider = self.provider  # type: ignore[attr-defined]
+        allowed = TRANSPORT_PROVIDERS.get(self.transport)
+        if allowed is not None and provider not in allowed:
+            raise ValueError(
+                f"transport '{self.transport}' is for providers {', '.join(sorted(allowed))}, not {provider}"
+            )
+        scopes = set(str(getattr(self, "scope", "")).split())
+        if self.transport == "graph" and not any(s.startswith(DEFAULT_GRAPH_ENDPOINT + "/") for s in scopes):
+            raise ValueError(
+                "transport 'graph' needs a Microsoft Graph scope (https://graph.microsoft.com/.default "
+                "for app-only access); leave 'scope' out to get it"
+            )
+        if self.transport == "gmail_api" and not scopes & _GMAIL_SEND_SCOPES:
+            raise ValueError(
+                "transport 'gmail_api' needs the scope https://www.googleapis.com/auth/gmail.send "
+                "or https://mail.google.com/"
+            )
+        if self.graph_endpoint is not None:
+            _https_url(self.graph_endpoint, "graph_endpoint")
+        if self.gmail_endpoint is not None:
+            _https_url(self.gmail_endpoint, "gmail_endpoint")
+        return self
+
+    @property
+    def api_endpoint(self) -> str:
+        """The base URL of the HTTP transport's API (Graph or Gmail)."""
+        if self.transport == "graph":
+            return (self.graph_endpoint or DEFAULT_GRAPH_ENDPOINT).rstrip("/")
+        return (self.gmail_endpoint or DEFAULT_GMAIL_ENDPOINT).rstrip("/")
 
     @property
     def uses_refresh_token(self) -> bool:
@@ -134,7 +222,10 @@ class _IntegrationBase(_Model):
         return self.senders[0] if self.senders else Sender(email=self.username)
 
     def effective_limits(self) -> Limits:
-        defaults = PROVIDER_LIMITS.get(self.provider, {})  # type: ignore[attr-defined]
+        defaults = {
+            **PROVIDER_LIMITS.get(self.provider, {}),  # type: ignore[attr-defined]
+            **TRANSPORT_LIMITS.get(self.transport, {}),
+        }
         merged = {**defaults, **{k: v for k, v in self.limits.model_dump().items() if v is not None}}
         return Limits(**merged)
 

@@ -35,11 +35,18 @@ def message_id_for(message_id: str, domain: str) -> str:
 
 
 def build_mime(
-    message: OutgoingMessage, *, message_id_domain: str, now: dt.datetime | None = None
+    message: OutgoingMessage,
+    *,
+    message_id_domain: str,
+    now: dt.datetime | None = None,
+    bcc_header: bool = False,
 ) -> EmailMessage:
     """The message as MIME: text and html as multipart/alternative, attachments in
-    multipart/mixed. Bcc recipients are only in the envelope. Serialise with ``as_bytes()``
-    (CRLF line endings, ready for SMTP)."""
+    multipart/mixed. Serialise with ``as_bytes()`` (CRLF line endings, ready for SMTP).
+
+    For SMTP, Bcc recipients are only in the envelope. The HTTP APIs (Graph's MIME sendMail,
+    Gmail's messages.send) have no envelope: they read the recipients from To, Cc and Bcc and
+    remove the Bcc header from what they deliver, so ``bcc_header=True`` writes it for them."""
     policy = email_policy.SMTPUTF8 if message.needs_smtputf8 else email_policy.SMTP
     seed = message.id or uuid.uuid4().hex
     when = now or dt.datetime.now(dt.UTC)
@@ -52,6 +59,8 @@ def build_mime(
         root["To"] = [_address(a) for a in message.to]
     if message.cc:
         root["Cc"] = [_address(a) for a in message.cc]
+    if bcc_header and message.bcc:
+        root["Bcc"] = [_address(a) for a in message.bcc]
     if message.reply_to:
         root["Reply-To"] = [_address(a) for a in message.reply_to]
     root["Subject"] = message.subject
