@@ -1,7 +1,8 @@
 """``mailbroker doctor ID``: every step between a stored secret and an accepted SMTP AUTH, each with
 ✓ or ✗ and a hint — secret, token (with the JWT's claims decoded, not verified), TCP/TLS, EHLO,
-AUTH, QUIT. No mail is sent. The token comes fresh from the provider, bypassing the cache, so a
-wrong secret shows even while a cached token is still valid."""
+AUTH, QUIT; for the graph and gmail_api transports the token's claims or scope and an empty
+request the API authorises and refuses. No mail is sent. The token comes fresh from the
+provider, bypassing the cache, so a wrong secret shows even while a cached token is still valid."""
 
 from __future__ import annotations
 
@@ -137,6 +138,9 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
             return
         token = fresh.token
         yield Step("token", True, f"access token issued by the provider, valid for {int(fresh.lifetime)} s")
+        if integration.transport != "smtp":
+            yield from api_steps(integration, token, ctx.settings.http_timeout)
+            return
         yield from claim_steps(integration, token, fresh.granted)
         yield from consent_screen_steps(integration, fresh)
         if isinstance(integration, MicrosoftIntegration):
@@ -145,6 +149,18 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
     yield from smtp
     if token is not None and isinstance(integration, MicrosoftIntegration):
         yield from service_principal_steps(integration, token, smtp)
+
+
+def api_steps(integration: Any, token: str, http_timeout: float) -> Iterator[Step]:
+    """An HTTP transport's steps: the token's claims or scope, then an empty request to the API
+    that it authorises and refuses (nothing is sent)."""
+    from mailbroker.transports.check import api_check
+
+    steps = api_check(integration, token, timeout=http_timeout)
+    for step in steps:
+        yield Step(step.name, step.ok, step.detail, step.code, step.hint)
+    if steps[-1].name != "api":
+        yield Step("api", None)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ GRAPH_FAULTS: dict[str, tuple[int, str, str]] = {
     "413": (413, "RequestEntityTooLarge", "The request entity is too large."),
     "size": (400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size."),
     "recipients": (400, "ErrorInvalidRecipients", "At least one recipient isn't valid."),
+    "empty": (400, "ErrorMimeContentInvalid", "The MIME content is empty."),
     "429": (429, "ApplicationThrottled", "Application is over its MailboxConcurrency limit."),
     "500": (500, "ErrorInternalServerError", "An internal server error occurred."),
     "503": (503, "ServiceUnavailable", "Service unavailable."),
@@ -378,6 +379,8 @@ class MailApiServer:
             raise _Refused(_graph_error("recipients", "Only text/plain (MIME) sends are supported here."))
         if len(body) > GRAPH_REQUEST_LIMIT:
             raise _Refused(_graph_error("413"))
+        if not body.strip():
+            raise _Refused(_graph_error("empty"))
         try:
             data = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):

@@ -695,6 +695,8 @@ class TokenServer:
                 return self._token_request(req, "oauth2", None)
             if req.path == "/introspect":
                 return self._introspect_request(req)
+            if req.path == "/tokeninfo":
+                return self._google_tokeninfo(req)
             if req.path == "/revoke":
                 return self._revoke_request(req)
         return _Reply(404, {"error": "not_found"})
@@ -1380,7 +1382,7 @@ class TokenServer:
 
     def _google_tokeninfo(self, req: _Request) -> _Reply:
         """Google's ``tokeninfo``: what a Google access token is for (its scope, client, user)."""
-        view = self.introspect(req.query.get("access_token") or "")
+        view = self.introspect(req.form.get("access_token") or req.query.get("access_token") or "")
         if view is None or not view["active"] or not str(view["provider"]).startswith("google"):
             return _Reply(400, {"error": "invalid_token", "error_description": "Invalid Value"})
         return _Reply(

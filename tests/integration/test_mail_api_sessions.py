@@ -157,3 +157,77 @@ def test_an_api_endpoint_on_the_metadata_address_gets_no_token(graph: Any) -> No
 
     assert raised.value.code == "address_not_allowed"
     assert tokens.last == ""
+
+
+# --- the live check: claims and an empty request, nothing sent ------------------------------------
+
+
+def _steps(integration: Any) -> list[tuple[str, bool, str | None]]:
+    from mailbroker.transports.check import api_check
+
+    return [(s.name, s.ok, s.code) for s in api_check(integration, Tokens(integration)(), timeout=5)]
+
+
+def test_graph_check_passes_without_sending(graph: Any, mail_api_server: MailApiServer) -> None:
+    assert _steps(graph) == [("audience", True, None), ("role", True, None), ("api", True, None)]
+    assert mail_api_server.received == []
+
+
+def test_graph_check_explains_smtp_sendasapp_granted_where_mail_send_is_needed(
+    graph: Any, token_server: Any
+) -> None:
+    from mailbroker.transports.check import api_check
+
+    token_server.register_microsoft_app("contoso", "graph-app", SECRET, graph_roles=("SMTP.SendAsApp",))
+
+    *_, role = api_check(graph, Tokens(graph)(), timeout=5)
+
+    assert (role.name, role.ok, role.code) == ("role", False, "graph_access_denied")
+    assert "SMTP.SendAsApp" in (role.hint or "") and "Mail.Send" in (role.hint or "")
+
+
+def test_graph_check_explains_an_smtp_token_given_to_graph(graph: Any) -> None:
+    from mailbroker.transports.check import api_check
+
+    outlook = graph.model_copy(update={"scope": "https://outlook.office365.com/.default"})
+
+    [audience] = api_check(graph, Tokens(outlook)(), timeout=5)
+
+    assert (audience.ok, audience.code) == (False, "api_auth_failed")
+    assert "SMTP" in audience.detail
+
+
+def test_graph_check_finds_a_mailbox_outside_the_application_access_policy(
+    graph: Any, mail_api_server: MailApiServer
+) -> None:
+    mail_api_server.add_mailbox(MAILBOX, graph_clients=["another-app"])
+
+    assert _steps(graph)[-1] == ("api", False, "graph_access_denied")
+
+
+def test_gmail_check_passes_without_sending(gmail: Any, mail_api_server: MailApiServer) -> None:
+    assert _steps(gmail) == [("scope", True, None), ("api", True, None)]
+    assert mail_api_server.received == []
+
+
+def test_gmail_check_names_a_token_without_the_send_scope(gmail: Any, token_server: Any) -> None:
+    readonly = token_server.issue_refresh_token(
+        "gmail-client", MAILBOX, scope="https://www.googleapis.com/auth/gmail.readonly"
+    )
+    narrowed = parse_integration(json_of(gmail) | {"refresh_token": readonly, "client_secret": SECRET})
+
+    assert _steps(narrowed) == [("scope", False, "gmail_insufficient_scope")]
+
+
+def test_gmail_check_finds_the_api_disabled_in_the_cloud_project(
+    gmail: Any, mail_api_server: MailApiServer
+) -> None:
+    mail_api_server.fail_next("gmail", "accessNotConfigured")
+
+    assert _steps(gmail)[-1] == ("api", False, "gmail_api_disabled")
+
+
+def json_of(integration: Any) -> dict[str, Any]:
+    import json
+
+    return json.loads(integration.model_dump_json())

@@ -355,7 +355,8 @@ def live_check(
     integration: Integration, broker: TokenSource, *, ssl_context: ssl.SSLContext | None = None
 ) -> list[CheckStep]:
     """The live check behind ``POST /v1/integrations/{id}/check`` and the keeper's ``smtp_check``:
-    a token through the broker, then connect, TLS, EHLO, AUTH and QUIT. No mail is sent."""
+    a token through the broker, then connect, TLS, EHLO, AUTH and QUIT, or for an HTTP transport
+    the token's claims and an empty request to its API. No mail is sent."""
     from mailbroker.smtp import BasicAuth, CheckStep, XOAuth2Auth, run_check
 
     if isinstance(integration, BasicIntegration):
@@ -369,6 +370,10 @@ def live_check(
             return [CheckStep("token", False, error.message, error.code, error.hint)]
         left = max(int(token.expires_at - time.time()), 0)
         steps = [CheckStep("token", True, f"access token from {token.source}, valid for {left} s")]
+        if integration.transport != "smtp":
+            from mailbroker.transports.check import api_check
+
+            return steps + api_check(integration, token.access_token)
 
         def provide(fresh: bool) -> str:
             if not fresh:
