@@ -567,6 +567,26 @@ def test_setup_microsoft_without_object_id_says_which_object_id_to_use(cli):
     assert "NOT the object id on the App registration" in out
 
 
+def test_setup_microsoft_for_graph_prints_mail_send_consent_and_the_access_policy(cli):
+    document = cli.microsoft("m365")
+
+    code, out, _ = cli("setup", "microsoft", "m365", "--transport", "graph")
+
+    assert code == 0
+    assert "Microsoft Graph > Application" in out and "Mail.Send" in out
+    assert f"adminconsent?client_id={document['client_id']}" in out
+    assert (
+        f'New-ApplicationAccessPolicy -AppId "{document["client_id"]}" -PolicyScopeGroupId "mailbroker-m365"'
+        in out
+    )
+    assert (
+        f'Test-ApplicationAccessPolicy -Identity "m365@contoso.example" -AppId "{document["client_id"]}"'
+        in out
+    )
+    assert "New-ManagementRoleAssignment -App" in out and '-Role "Application Mail.Send"' in out
+    assert "Set-CASMailbox" not in out  # SMTP AUTH is not needed for Graph
+
+
 # --- send | status | dlq ------------------------------------------------------------------------------
 
 
