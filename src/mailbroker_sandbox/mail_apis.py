@@ -351,7 +351,8 @@ class MailApiServer:
 
     # Graph
 
-    def _graph(self, user: str, headers: Any, body: bytes) -> _Reply:
+    def _graph_claims(self, headers: Any) -> dict[str, Any]:
+        """A Graph token's claims: the Graph audience and Mail.Send (role, or delegated scope)."""
         claims = self._bearer(headers, lambda _: _graph_error("401"))
         if claims.get("aud") not in (GRAPH_AUDIENCE, f"{GRAPH_AUDIENCE}/"):
             with self._lock:
@@ -360,6 +361,10 @@ class MailApiServer:
         delegated = "Mail.Send" in str(claims.get("scope") or "").split() and claims.get("sub")
         if "Mail.Send" not in (claims.get("roles") or []) and not delegated:
             raise _Refused(_graph_error("403"))
+        return claims
+
+    def _graph(self, user: str, headers: Any, body: bytes) -> _Reply:
+        claims = self._graph_claims(headers)
         fault = self._fault("graph")
         if fault is not None:
             return fault

@@ -33,6 +33,13 @@ _SCOPE = frozenset({"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"
 _DISABLED = frozenset({"accessNotConfigured", "SERVICE_DISABLED"})
 _PRECONDITION = frozenset({"failedPrecondition", "FAILED_PRECONDITION"})
 _INVALID = frozenset({"invalidArgument", "INVALID_ARGUMENT", "badRequest"})
+# What is left once the reasons above did not match, by status.
+_BY_STATUS = {
+    413: "message_too_large",
+    404: "mailbox_not_found",
+    403: "api_access_denied",
+    401: "api_auth_failed",
+}
 
 
 def gmail_reasons(answer: ApiAnswer) -> set[str]:
@@ -70,15 +77,7 @@ def classify_gmail_error(answer: ApiAnswer) -> MailbrokerError:
         return MailbrokerError(message, code="gmail_api_disabled")
     if reasons & _PRECONDITION:
         return MailbrokerError(message, code="gmail_not_enabled")
-    if status == 413:
-        return MailbrokerError(message, code="message_too_large")
-    if status == 404:
-        return MailbrokerError(message, code="mailbox_not_found")
-    if status == 403:
-        return MailbrokerError(message, code="api_access_denied")
-    if status == 401:
-        return MailbrokerError(message, code="api_auth_failed")
-    return MailbrokerError(message, code="api_rejected_message")
+    return MailbrokerError(message, code=_BY_STATUS.get(status, "api_rejected_message"))
 
 
 def _message(answer: ApiAnswer, reasons: set[str]) -> str:
