@@ -253,7 +253,9 @@ class Delivery:
             # Every recipient is counted against the daily cap: which ones are still outstanding
             # is known once the claim has answered the record (stricter on a retry, never looser).
             self._take_message(self.governor, integration, len(every))
-        data = self._mime(self._tracked(message, integration), item)
+        data = self._mime(
+            self._tracked(message, integration), item, bcc_header=integration.transport != "smtp"
+        )
 
         try:
             claimed = self._claim(item, attempt, integration.id)
@@ -272,12 +274,12 @@ class Delivery:
         started = time.monotonic()
         try:
             result = session.send(mail_from, rcpts, data, smtputf8=message.needs_smtputf8)
-        except SmtpFailure as exc:
-            # The session reconnects by itself after a dropped connection; a throttled server is
-            # left alone by the rest of the batch.
+        except MailbrokerError as exc:
+            # The session reconnects by itself after a dropped connection; a throttled server or
+            # API is left alone by the rest of the batch.
             if exc.code in SLOWS_DOWN:
                 self.sessions.hold_off(integration.id, exc)
-            refusals = refusals_of(exc)
+            refusals = refusals_of(exc) if isinstance(exc, SmtpFailure) else None
             if refusals is None:
                 raise
             # Every recipient of this attempt was refused: each keeps its own outcome.
@@ -455,10 +457,13 @@ class Delivery:
             )
         return message
 
-    def _mime(self, message: OutgoingMessage, item: QueuedRecord) -> bytes:
+    def _mime(self, message: OutgoingMessage, item: QueuedRecord, *, bcc_header: bool = False) -> bytes:
         # Date is when the message was queued, so every attempt sends the same bytes.
         when = datetime.fromtimestamp(item.sent_at, UTC) if item.sent_at else None
-        return build_mime(message, message_id_domain=message.sender.domain, now=when).as_bytes()
+        # The HTTP transports have no envelope: their APIs read Bcc from the header and strip it.
+        return build_mime(
+            message, message_id_domain=message.sender.domain, now=when, bcc_header=bcc_header
+        ).as_bytes()
 
     def _record_sent(self, attempt: Attempt, integration_id: str, reply: str, outcome: Recipients) -> None:
         refused = outcome.refused_for_good()

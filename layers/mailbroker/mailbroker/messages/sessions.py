@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mailbroker.errors import MailbrokerError
 from mailbroker.integrations import BasicIntegration
@@ -144,6 +144,12 @@ class SessionPool:
         from mailbroker.smtp.transport import SmtpSession
         from mailbroker.smtp.xoauth2 import BasicAuth, XOAuth2Auth
 
+        if integration.transport != "smtp":
+            from mailbroker.transports import api_session
+
+            # An HTTP session's result has the SMTP result's shape (reply, accepted, refused),
+            # its reply being the API's answer as text.
+            return cast("MailSession", api_session(integration, BrokerTokens(self._broker, integration.id)))
         if isinstance(integration, BasicIntegration):
             auth: Authenticator = BasicAuth(integration.password)
         else:
