@@ -84,18 +84,73 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+# AWS's Nitro services over IPv6: instance metadata fd00:ec2::254, and fd00:ec2::23 and the rest
+# of the range, which no credential has a reason to reach.
+_AWS_NITRO_V6 = ipaddress.ip_network("fd00:ec2::/32")
+# IPv6 prefixes whose last 32 bits are an IPv4 address some network path delivers to: NAT64
+# (RFC 6052 well-known and RFC 8215 local-use) and the deprecated IPv4-compatible form (::a.b.c.d).
+_EMBEDDED_V4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
 def is_forbidden_address(host: str) -> bool:
-    """Link-local and instance-metadata addresses never receive a credential."""
+    """Link-local and instance-metadata addresses never receive a credential, in any of the IPv6
+    forms that reach an IPv4 address (mapped, compatible, NAT64, 6to4)."""
     try:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
-    mapped = getattr(addr, "ipv4_mapped", None)
-    if mapped is not None:  # ::ffff:169.254.169.254 reaches the IPv4 address
-        addr = mapped
-    if addr.is_link_local:
-        return True
-    return addr == ipaddress.ip_address("fd00:ec2::254")
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr in _AWS_NITRO_V6:
+            return True
+        embedded = _embedded_ipv4(addr)
+        if embedded is not None:
+            return embedded.is_link_local
+    return addr.is_link_local
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if addr.ipv4_mapped is not None:  # ::ffff:169.254.169.254
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:  # 2002:a9fe:a9fe::
+        return addr.sixtofour
+    low = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if int(addr) >> 32 == 0 and int(low) > 1:  # ::169.254.169.254 (not :: or ::1)
+        return low
+    if any(addr in network for network in _EMBEDDED_V4):
+        return low
+    return None
+
+
+def url_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a token URL, or None. Two URL parsers must read the same scheme, host
+    and port: ``urlsplit`` (which the checks here use) and urllib3's ``parse_url`` (which requests
+    connects with). They disagree on backslashes (``http://169.254.169.254\\@localhost/``: urlsplit
+    sees localhost, urllib3 connects to 169.254.169.254), so a backslash, user information,
+    whitespace or a control character is refused outright, and any remaining difference too."""
+    from urllib3.util import parse_url
+    from urllib3.util.url import LocationParseError
+
+    if "\\" in value:
+        return "must not contain a backslash"
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        return "must not contain spaces or control characters"
+    try:
+        ours, theirs = urlsplit(value), parse_url(value)
+        our_port, their_port = ours.port, theirs.port
+    except (ValueError, LocationParseError):
+        return "is not a valid URL"
+    if "@" in ours.netloc or theirs.auth:
+        return "must not contain user information (user@host)"
+    their_host = (theirs.host or "").strip("[]").lower()
+    our_host = ours.hostname or ""
+    if not our_host.isascii():  # urllib3 puts a non-ASCII name in its IDNA form
+        try:
+            our_host = our_host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "has a host name that is not a valid internationalised name"
+    if (ours.scheme, our_host, our_port) != ((theirs.scheme or "").lower(), their_host, their_port):
+        return "is read differently by different URL parsers"
+    return None
 
 
 class _Model(BaseModel):
@@ -138,6 +193,9 @@ class Tracking(_Model):
 
 
 def _https_url(value: str, field_name: str) -> str:
+    problem = url_problem(value)
+    if problem:
+        raise ValueError(f"{field_name} {problem}")
     parts = urlsplit(value)
     if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname or "")):
         raise ValueError(f"{field_name} must be an https URL")

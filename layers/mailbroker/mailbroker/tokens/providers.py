@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import socket
 import threading
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from pydantic import SecretStr
@@ -28,8 +26,8 @@ from mailbroker.integrations import (
     MicrosoftIntegration,
     OAuth2Integration,
     context_of,
-    is_forbidden_address,
 )
+from mailbroker.tokens.http_client import VettedSession
 from mailbroker.tokens.model import CredentialIdentity, IssuedToken, fingerprint
 
 
@@ -82,9 +80,10 @@ def _proof(*secrets: SecretStr) -> str:
     return digest.hexdigest()
 
 
-class _TimeoutSession(requests.Session):
+class _TimeoutSession(VettedSession):
     """A session that caps every request's timeout and remembers the last answer's status and
-    Retry-After (MSAL and google-auth do not surface them)."""
+    Retry-After (MSAL and google-auth do not surface them). As a ``VettedSession`` it connects only
+    to allowed addresses and never follows a redirect (``tokens/http_client.py``)."""
 
     def __init__(self, timeout: float) -> None:
         super().__init__()
@@ -93,7 +92,6 @@ class _TimeoutSession(requests.Session):
         self.hooks["response"].append(self._remember)
 
     def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
-        _refuse_forbidden_host(url.decode() if isinstance(url, bytes) else str(url))
         given = kwargs.get("timeout")
         kwargs["timeout"] = min(given, self._timeout) if isinstance(given, int | float) else self._timeout
         self._seen.status = None
@@ -134,21 +132,6 @@ def _error_body(response: requests.Response) -> dict[str, Any] | None:
         "error_description": str(body.get("error_description") or ""),
         "error_codes": [c for c in codes if isinstance(c, int)] if isinstance(codes, list) else [],
     }
-
-
-def _refuse_forbidden_host(url: str) -> None:
-    """The token URL's host as the resolver sees it: a name or numeric form (``2852039166``) that
-    resolves to a link-local or instance-metadata address gets no request."""
-    host = urlsplit(url).hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return  # unresolvable: the request itself fails and is classified
-    if any(is_forbidden_address(str(info[4][0])) for info in infos):
-        raise TokenError(
-            f"token endpoint {host!r} resolves to a link-local or instance-metadata address",
-            code="address_not_allowed",
-        )
 
 
 def _status_in(text: str) -> int | None:
