@@ -77,7 +77,7 @@ class _VettedConnectionMixin:
         host = self._dns_host
         addresses = vetted_addresses(host, self.port, cleartext=self._cleartext)
         if not addresses:
-            return super()._new_conn()  # type: ignore[misc]  # urllib3 reports the resolution failure
+            return super()._new_conn()  # type: ignore[misc,no-any-return]  # urllib3 reports the resolution failure
         failure: Exception | None = None
         for address in addresses:
             # urllib3 connects to ``_dns_host``; TLS (after this returns) uses the name again.
