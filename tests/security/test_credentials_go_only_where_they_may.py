@@ -171,7 +171,7 @@ def test_token_endpoint_with_an_untrusted_certificate_gets_no_request(
     with pytest.raises(TokenError) as failed:
         TokenProviders(http_timeout=2).fetch(parse_integration(data))
 
-    assert failed.value.code == "token_unavailable"
+    assert failed.value.code == "tls_failed"
     assert server.requests == before
 
 
