@@ -57,7 +57,7 @@ def send(sandbox: Sandbox, **extra: Any) -> tuple[str, Any]:
     message the SMTP server received."""
     message_id = f"order-{uuid.uuid4().hex[:8]}"
     body = {
-        "integration": "relay-basic",
+        "integration": "relay",
         "id": message_id,
         "from": "alerts@relay.example",
         "to": ["ana@example.com"],
@@ -149,7 +149,7 @@ def test_each_open_and_click_is_published_as_an_event(sandbox, human_window):
     opened, clicked = events[1]["detail"], events[2]["detail"]
     assert {k: v for k, v in opened.items() if k != "at"} == {
         "id": message_id,
-        "integration": "relay-basic",
+        "integration": "relay",
         "status": "opened",
         "attempts": 1,
         "machine": False,
