@@ -23,27 +23,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime as dt
 import email
 import json
 import logging
 import re
 import secrets
-import socket
-import socketserver
-import ssl
 import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.policy import compat32
 from email.utils import getaddresses
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from mailbroker_sandbox.ca import SandboxCA
+from mailbroker_sandbox.https import LoopbackHTTPSServer
 
 _log = logging.getLogger(__name__)
 
@@ -220,7 +217,9 @@ class MailApiServer:
         self.connections = 0
         self.requests = 0
         self.tokens_refused = 0
-        self._httpd = _HTTPSServer(self, ca.server_context())
+        self._httpd = _HTTPSServer(
+            self, ca.server_context(), _Handler, socket_timeout=_IDLE_TIMEOUT, on_connected=self._connected
+        )
         self.port = self._httpd.server_port
         self.base_url = f"https://127.0.0.1:{self.port}"
 
@@ -563,37 +562,5 @@ class _Handler(BaseHTTPRequestHandler):
         _log.debug("malformed request from %s", self.client_address[0])
 
 
-class _HTTPSServer(ThreadingHTTPServer):
-    """A threaded HTTP/1.1 server whose connections are TLS, handshaken in the connection's thread
-    (each handshake counted)."""
-
-    daemon_threads = True
-
-    def __init__(self, app: MailApiServer, context: ssl.SSLContext) -> None:
-        self.app = app
-        self._context = context
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # without HTTPServer's reverse DNS lookup
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(_IDLE_TIMEOUT)
-        try:
-            tls = self._context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            _log.debug("TLS handshake from %s failed: %s", client_address[0], type(exc).__name__)
-            return
-        self.app._connected()
-        try:
-            _Handler(tls, client_address, self)
-        finally:
-            with contextlib.suppress(OSError):
-                tls.shutdown(socket.SHUT_WR)
-            tls.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        _log.debug("connection from %s failed", client_address[0], exc_info=True)
+class _HTTPSServer(LoopbackHTTPSServer):
+    app: MailApiServer

@@ -20,7 +20,6 @@ clients). Tokens and secrets are never logged; only client ids and outcomes are,
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -28,16 +27,13 @@ import json
 import logging
 import re
 import secrets
-import socket
-import socketserver
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
@@ -48,6 +44,7 @@ from jwt.algorithms import RSAAlgorithm
 from mailbroker.integrations import DEFAULT_GOOGLE_TOKEN_URI, GOOGLE_MAIL_SCOPE, is_loopback_host
 
 from mailbroker_sandbox.ca import SandboxCA
+from mailbroker_sandbox.https import LoopbackHTTPSServer
 
 _log = logging.getLogger(__name__)
 
@@ -312,38 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
         _log.debug("malformed request from %s", self.client_address[0])
 
 
-class _HTTPSServer(ThreadingHTTPServer):
-    """A threaded HTTP server whose connections are TLS, handshaken in the connection's thread."""
-
-    daemon_threads = True
-
-    def __init__(self, app: TokenServer, context: ssl.SSLContext) -> None:
-        self.app = app
-        self._context = context
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # without HTTPServer's reverse DNS lookup
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(_SOCKET_TIMEOUT)
-        try:
-            tls = self._context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            _log.debug("TLS handshake from %s failed: %s", client_address[0], type(exc).__name__)
-            return
-        try:
-            _Handler(tls, client_address, self)
-        finally:
-            with contextlib.suppress(OSError):
-                tls.shutdown(socket.SHUT_WR)
-            tls.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        _log.debug("connection from %s failed", client_address[0], exc_info=True)
+class _HTTPSServer(LoopbackHTTPSServer):
+    app: TokenServer
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -383,7 +350,7 @@ class TokenServer:
         self._issue_log: list[tuple[str, str, str | None]] = []
         self._request_count = 0
         self._faults: list[_Fault] = []
-        self._httpd = _HTTPSServer(self, ca.server_context())
+        self._httpd = _HTTPSServer(self, ca.server_context(), _Handler, socket_timeout=_SOCKET_TIMEOUT)
         self.base_url = f"https://127.0.0.1:{self._httpd.server_port}"
 
     # lifecycle

@@ -1,0 +1,63 @@
+"""The HTTPS server under the sandbox's token endpoints and mail API stand-ins: threaded, bound to
+loopback on a free port, each connection's TLS handshake done in that connection's thread."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import ssl
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+
+class LoopbackHTTPSServer(ThreadingHTTPServer):
+    """Serves ``handler`` over TLS with ``context`` on 127.0.0.1. ``app`` is what the handler
+    answers for (``self.server.app``); ``on_connected`` runs once per completed handshake."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        app: Any,
+        context: ssl.SSLContext,
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        socket_timeout: float,
+        on_connected: Callable[[], None] | None = None,
+    ) -> None:
+        self.app = app
+        self._context = context
+        self._handler = handler
+        self._socket_timeout = socket_timeout
+        self._on_connected = on_connected
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # without HTTPServer's reverse DNS lookup
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(self._socket_timeout)
+        try:
+            tls = self._context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            _log.debug("TLS handshake from %s failed: %s", client_address[0], type(exc).__name__)
+            return
+        if self._on_connected is not None:
+            self._on_connected()
+        try:
+            self._handler(tls, client_address, self)
+        finally:
+            with contextlib.suppress(OSError):
+                tls.shutdown(socket.SHUT_WR)
+            tls.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        _log.debug("connection from %s failed", client_address[0], exc_info=True)
