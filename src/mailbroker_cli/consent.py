@@ -23,7 +23,7 @@ from mailbroker.errors import InvalidIntegration, UnknownIntegration, classify_t
 from mailbroker.integrations import DEFAULT_GOOGLE_TOKEN_URI, GOOGLE_MAIL_SCOPE, parse_integration, unredacted
 
 from mailbroker_cli.context import CliError, Context
-from mailbroker_cli.integrations import parse_sender, read_json, report_invalid
+from mailbroker_cli.integrations import parse_sender, read_json, report_invalid, secret_from_flags
 from mailbroker_cli.output import Output
 
 GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/auth"
@@ -51,7 +51,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "--client-secrets", metavar="FILE", help="the OAuth client JSON downloaded from Google"
     )
     google.add_argument("--client-id")
-    google.add_argument("--client-secret", metavar="SECRET|-")
+    google.add_argument("--client-secret", metavar="-", help="'-' reads the client secret from stdin")
+    google.add_argument("--client-secret-file", metavar="FILE", help="read the client secret from FILE")
     google.add_argument("--username", help="the Gmail / Workspace mailbox (login hint)")
     google.add_argument("--sender", action="append", metavar="EMAIL[=NAME]")
     google.add_argument("--smtp-host", help="default smtp.gmail.com")
@@ -118,14 +119,13 @@ def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
     )
     if args.client_secrets:
         _read_client_secrets(args, document)
-    for key in ("client_id", "client_secret", "username", "token_uri"):
+    for key in ("client_id", "username", "token_uri"):
         value = getattr(args, key)
-        if value == "-" and key == "client_secret":
-            import sys
-
-            value = sys.stdin.readline().strip()
         if value:
             document[key] = value
+    secret = secret_from_flags(args, "client_secret")
+    if secret:
+        document["client_secret"] = secret
     if args.sender:
         document["senders"] = [parse_sender(s) for s in args.sender]
     smtp = dict(document.get("smtp") or {})

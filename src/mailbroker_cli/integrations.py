@@ -22,7 +22,9 @@ DEFAULT_SMTP = {
     "google": "smtp.gmail.com",
     "google_service_account": "smtp.gmail.com",
 }
-# flag destination -> secret field; "-" as the value reads it from stdin, a missing one is prompted for.
+# flag destination -> secret field. A secret never comes from the command line itself (argv is in
+# `ps`, shell history and audit logs): "-" reads it from stdin, --<flag>-file from a file, and a
+# missing one is prompted for on a terminal.
 SECRET_FLAGS = {"client_secret": "client secret", "refresh_token": "refresh token", "password": "password"}
 REQUIRED_SECRETS = {
     "microsoft": ("client_secret",),
@@ -61,8 +63,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="validate an integration and write its secret",
         description="Validate an integration and write it as the secret <SECRET_PREFIX><id>. Every "
-        "problem is named; nothing is written unless the whole integration is valid. Secret values "
-        "given as '-' are read from stdin; missing ones are asked for on a terminal.",
+        "problem is named; nothing is written unless the whole integration is valid. Secrets never "
+        "come from the command line: '-' reads one from stdin, --<name>-file from a file, and a "
+        "missing one is asked for on a terminal.",
     )
     add.add_argument("id", nargs="?", help="integration id (default: the file's 'id')")
     add.add_argument("--from-file", metavar="FILE", help="the integration's JSON ('-' for stdin)")
@@ -80,16 +83,19 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     add.add_argument("--smtp-check", action="store_true", help="the keeper runs the live SMTP check")
     add.add_argument("--tenant-id")
     add.add_argument("--client-id")
-    add.add_argument("--client-secret", metavar="SECRET|-")
+    add.add_argument("--client-secret", metavar="-", help="'-' reads the client secret from stdin")
+    add.add_argument("--client-secret-file", metavar="FILE", help="read the client secret from FILE")
     add.add_argument("--client-secret-expires-at", metavar="DATE", help="ISO 8601, e.g. 2027-05-01")
     add.add_argument("--authority", help="Microsoft authority (sovereign clouds)")
     add.add_argument("--scope")
-    add.add_argument("--refresh-token", metavar="TOKEN|-")
+    add.add_argument("--refresh-token", metavar="-", help="'-' reads the refresh token from stdin")
+    add.add_argument("--refresh-token-file", metavar="FILE", help="read the refresh token from FILE")
     add.add_argument("--token-uri", help="Google token endpoint")
     add.add_argument("--token-url", help="OAuth2 token endpoint (provider oauth2)")
     add.add_argument("--service-account-file", metavar="FILE", help="the service account's JSON key")
     add.add_argument("--subject", help="the mailbox a service account impersonates")
-    add.add_argument("--password", metavar="PASSWORD|-")
+    add.add_argument("--password", metavar="-", help="'-' reads the password from stdin")
+    add.add_argument("--password-file", metavar="FILE", help="read the password from FILE")
     add.add_argument("--replace", action="store_true", help="overwrite an existing integration")
     add.set_defaults(handler=add_integration)
 
@@ -201,14 +207,35 @@ def _add_secrets(
 ) -> None:
     """Secrets from their flags ('-' reads one line from stdin), else asked for on a terminal."""
     for name in SECRET_FLAGS:
-        value = getattr(args, name, None)
-        if value == "-":
-            value = (stdin or sys.stdin).readline().rstrip("\r\n")
+        value = secret_from_flags(args, name, stdin)
         if value is not None:
             data[name] = value
     for name in REQUIRED_SECRETS.get(provider, ()):
         if not data.get(name) and sys.stdin.isatty():
             data[name] = getpass.getpass(f"{SECRET_FLAGS[name]} for {data['id']}: ")
+
+
+def secret_from_flags(args: argparse.Namespace, name: str, stdin: Any = None) -> str | None:
+    """The secret ``name`` from stdin (``--flag -``) or a file (``--flag-file FILE``); a value
+    typed on the command line itself is refused, never stored."""
+    flag = "--" + name.replace("_", "-")
+    given, path = getattr(args, name, None), getattr(args, f"{name}_file", None)
+    if given is not None and given != "-":
+        raise CliError(
+            f"{flag} takes '-' (read from stdin), not the secret itself: a secret on the command "
+            "line is visible to other users in the process list and stays in shell history",
+            hint=f"Use {flag} - (stdin), {flag}-file FILE, or leave it out to be asked on a terminal.",
+        )
+    if given is not None and path is not None:
+        raise CliError(f"give {flag} - or {flag}-file, not both")
+    if given == "-":
+        return str((stdin or sys.stdin).readline()).rstrip("\r\n")
+    if path is not None:
+        try:
+            return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    return None
 
 
 def parse_sender(text: str) -> dict[str, str]:

@@ -27,8 +27,9 @@ from tests.fixtures.events import LambdaContext, sqs_event
 class Cli:
     """A sandbox deployment with its own secret prefix, and a way to run commands against it."""
 
-    def __init__(self, stack, tokens, smtp, capsys) -> None:
+    def __init__(self, stack, tokens, smtp, capsys, secrets_dir) -> None:
         self.stack = stack
+        self.secrets_dir = secrets_dir
         self.tokens = tokens
         self.smtp = smtp
         self.capsys = capsys
@@ -45,6 +46,12 @@ class Cli:
     def json(self, *argv: str) -> tuple[int, object]:
         code, out, _ = self(*argv, "--json")
         return code, json.loads(out)
+
+    def secret_file(self, value: str) -> str:
+        """A secret goes to the CLI through a file (never argv): the path of one holding ``value``."""
+        path = self.secrets_dir / f"secret-{secrets.token_hex(4)}"
+        path.write_text(value + "\n")
+        return str(path)
 
     @property
     def smtp_flags(self) -> list[str]:
@@ -97,7 +104,9 @@ class Cli:
 
 
 @pytest.fixture
-def cli(moto_server, template, aws_env, ca_trust_env, token_server, smtp_server, monkeypatch, capsys):
+def cli(
+    moto_server, template, aws_env, ca_trust_env, token_server, smtp_server, monkeypatch, capsys, tmp_path
+):
     stack = provision(
         template,
         endpoint_url=moto_server.endpoint_url,
@@ -111,7 +120,7 @@ def cli(moto_server, template, aws_env, ca_trust_env, token_server, smtp_server,
     monkeypatch.setenv("NO_COLOR", "1")
     runtime.reset()
     powertools_from_env(env)
-    tool = Cli(stack, token_server, smtp_server(), capsys)
+    tool = Cli(stack, token_server, smtp_server(), capsys, tmp_path)
     yield tool
     for integration_id in tool.store.list_ids():
         tool.store.delete(integration_id)
@@ -125,7 +134,8 @@ def cli(moto_server, template, aws_env, ca_trust_env, token_server, smtp_server,
 def test_add_from_flags_writes_a_valid_integration_that_list_and_show_report(cli):
     code, out, _ = cli(
         "integration", "add", "relay", "--provider", "basic", "--username", "alerts@relay.example",
-        *cli.smtp_flags, "--password", "hunter2-secret", "--sender", "alerts@relay.example=Alerts",
+        *cli.smtp_flags, "--password-file", cli.secret_file("hunter2-secret"),
+        "--sender", "alerts@relay.example=Alerts",
     )  # fmt: skip
 
     assert code == 0 and "integration relay (basic) written" in out
@@ -401,7 +411,8 @@ def test_consent_google_stores_the_refresh_token_and_doctor_then_passes(cli, bro
     cli.smtp.add_mailbox("ana@gmail.example")
 
     code, out, err = cli(
-        "consent", "google", "gmail", "--client-id", client_id, "--client-secret", client_secret,
+        "consent", "google", "gmail", "--client-id", client_id,
+        "--client-secret-file", cli.secret_file(client_secret),
         "--username", "ana@gmail.example", "--token-uri", cli.tokens.google_token_uri, *cli.smtp_flags,
         "--browser", browser.name, "--timeout", "10",
     )  # fmt: skip
@@ -447,7 +458,8 @@ def test_consent_google_without_a_browser_reads_the_redirected_address_pasted_ba
     monkeypatch.setattr(sys, "stdin", operator)
 
     code, out, err = cli(
-        "consent", "google", "gmail", "--client-id", client_id, "--client-secret", client_secret,
+        "consent", "google", "gmail", "--client-id", client_id,
+        "--client-secret-file", cli.secret_file(client_secret),
         "--username", "ana@gmail.example", "--token-uri", cli.tokens.google_token_uri, *cli.smtp_flags,
     )  # fmt: skip
 
@@ -466,7 +478,8 @@ def test_consent_google_refuses_an_address_pasted_from_another_attempt(cli, sand
     monkeypatch.setattr(sys, "stdin", PastingOperator(cli.capsys, str(sandbox_ca.ca_cert), forged))
 
     code, _, err = cli(
-        "consent", "google", "gmail", "--client-id", client_id, "--client-secret", client_secret,
+        "consent", "google", "gmail", "--client-id", client_id,
+        "--client-secret-file", cli.secret_file(client_secret),
         "--username", "ana@gmail.example", "--token-uri", cli.tokens.google_token_uri, "--no-browser",
     )  # fmt: skip
 
@@ -508,7 +521,8 @@ def test_consent_refused_in_the_browser_stores_nothing(cli, browser, token_serve
     token_server.deny_consent = True
 
     code, _, err = cli(
-        "consent", "google", "refused", "--client-id", client_id, "--client-secret", client_secret,
+        "consent", "google", "refused", "--client-id", client_id,
+        "--client-secret-file", cli.secret_file(client_secret),
         "--username", "x@gmail.example", "--token-uri", cli.tokens.google_token_uri,
         "--browser", browser.name, "--timeout", "10",
     )  # fmt: skip
