@@ -17,6 +17,7 @@ from mailbroker_cli.context import CliError, Context
 from mailbroker_cli.output import Output, ago
 
 PROVIDERS = ("microsoft", "google", "google_service_account", "oauth2", "basic")
+TRANSPORTS = ("smtp", "graph", "gmail_api")
 DEFAULT_SMTP = {
     "microsoft": "smtp.office365.com",
     "google": "smtp.gmail.com",
@@ -51,6 +52,9 @@ FIELD_FLAGS = {
     "username": "--username",
     "authority": "--authority",
     "scope": "--scope",
+    "transport": "--transport",
+    "graph_endpoint": "--graph-endpoint",
+    "gmail_endpoint": "--gmail-endpoint",
 }
 
 
@@ -80,7 +84,15 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     add.add_argument("--usage", action="append", help="an enabled usage, e.g. transactional (repeatable)")
     add.add_argument("--messages-per-minute", type=int)
     add.add_argument("--max-connections", type=int)
-    add.add_argument("--smtp-check", action="store_true", help="the keeper runs the live SMTP check")
+    add.add_argument("--smtp-check", action="store_true", help="the keeper runs the live check")
+    add.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        help="how mail leaves: SMTP (default), Microsoft Graph sendMail (microsoft), or the Gmail API "
+        "(google, google_service_account)",
+    )
+    add.add_argument("--graph-endpoint", metavar="URL", help="Microsoft Graph base URL (sovereign clouds)")
+    add.add_argument("--gmail-endpoint", metavar="URL", help="Gmail API base URL")
     add.add_argument("--tenant-id")
     add.add_argument("--client-id")
     add.add_argument("--client-secret", metavar="-", help="'-' reads the client secret from stdin")
@@ -136,7 +148,12 @@ def add_integration(args: argparse.Namespace, ctx: Context, out: Output) -> int:
             f"{out.mark(True)} integration {integration.id} ({integration.provider}) written to "
             f"secret {store.secret_name(integration.id)}"
         )
-        if integration.provider == "microsoft":
+        if integration.provider == "microsoft" and integration.transport == "graph":
+            out.note(
+                f"next: mailbroker setup microsoft {integration.id} --transport graph   "
+                "(Mail.Send and the application access policy)"
+            )
+        elif integration.provider == "microsoft":
             out.note(f"next: mailbroker setup microsoft {integration.id}   (Exchange Online permissions)")
         out.note(f"check it: mailbroker doctor {integration.id}")
     return 0
@@ -159,7 +176,7 @@ def build_document(args: argparse.Namespace, stdin: Any = None) -> dict[str, Any
     data["provider"] = provider
     simple = (
         "username", "tenant_id", "client_id", "client_secret_expires_at", "authority", "scope",
-        "token_uri", "token_url", "subject",
+        "token_uri", "token_url", "subject", "transport", "graph_endpoint", "gmail_endpoint",
     )  # fmt: skip
     data.update({name: value for name in simple if (value := getattr(args, name, None)) is not None})
     _merge(data, "smtp", _smtp_flags(args, data, provider))
@@ -284,12 +301,15 @@ def list_integrations(args: argparse.Namespace, ctx: Context, out: Output) -> in
             row: dict[str, Any] = {
                 "id": integration_id,
                 "provider": integration.provider,
+                "transport": integration.transport,
                 "username": integration.username,
                 "smtp": f"{integration.smtp.host}:{integration.smtp.port}",
+                "endpoint": _endpoint(integration),
                 "valid": True,
             }
         except InvalidIntegration as exc:
-            row = {"id": integration_id, "provider": None, "username": None, "smtp": None}
+            row = {"id": integration_id, "provider": None, "transport": None, "username": None}
+            row.update(smtp=None, endpoint=None)
             row.update(valid=False, problem=exc.message)
         record = health_store.get(integration_id) if health_store else None
         row["healthy"] = record.healthy if record else None
@@ -303,13 +323,14 @@ def list_integrations(args: argparse.Namespace, ctx: Context, out: Output) -> in
         out.note("no integrations yet: mailbroker integration add ID --provider ...")
         return 0
     out.table(
-        ["ID", "PROVIDER", "USERNAME", "SMTP", "HEALTH", "CHECKED", "LAST ERROR"],
+        ["ID", "PROVIDER", "TRANSPORT", "USERNAME", "ENDPOINT", "HEALTH", "CHECKED", "LAST ERROR"],
         [
             [
                 r["id"],
                 r["provider"] or out.paint("invalid", "red"),
+                r["transport"],
                 r["username"],
-                r["smtp"],
+                r["endpoint"],
                 _health_word(out, r["healthy"]),
                 ago(r["checked_at"]),
                 r["last_error"],
@@ -318,6 +339,13 @@ def list_integrations(args: argparse.Namespace, ctx: Context, out: Output) -> in
         ],
     )
     return 0
+
+
+def _endpoint(integration: Any) -> str:
+    """Where the integration's mail goes: the SMTP server, or the HTTP transport's API."""
+    if integration.transport == "smtp":
+        return f"{integration.smtp.host}:{integration.smtp.port}"
+    return str(integration.api_endpoint)
 
 
 def _health_word(out: Output, healthy: bool | None) -> str:

@@ -176,6 +176,87 @@ def test_add_refuses_an_invalid_integration_naming_each_problem(cli):
     assert cli.store.list_ids() == []
 
 
+def test_add_with_transport_flags_writes_graph_and_gmail_api_integrations_that_list_shows(
+    cli, mail_api_server
+):
+    graph_code, _, graph_notes = cli(
+        "integration", "add", "support-graph", "--provider", "microsoft", "--transport", "graph",
+        "--graph-endpoint", mail_api_server.base_url, "--username", "support@contoso.example",
+        "--tenant-id", str(uuid.uuid4()), "--client-id", str(uuid.uuid4()),
+        "--client-secret-file", cli.secret_file("s3cret-value"),
+    )  # fmt: skip
+    client_id, client_secret = cli.google_client()
+    gmail_code, _, _ = cli(
+        "integration", "add", "news-api", "--provider", "google", "--transport", "gmail_api",
+        "--gmail-endpoint", mail_api_server.base_url, "--username", "news@fabrikam.example",
+        "--client-id", client_id, "--client-secret-file", cli.secret_file(client_secret),
+        "--refresh-token-file", cli.secret_file("1//refresh-value"),
+    )  # fmt: skip
+
+    assert graph_code == 0 and gmail_code == 0
+    assert "setup microsoft support-graph --transport graph" in graph_notes
+    graph, gmail = cli.store.get("support-graph"), cli.store.get("news-api")
+    assert (graph.transport, graph.api_endpoint) == ("graph", mail_api_server.base_url)
+    assert graph.scope == "https://graph.microsoft.com/.default"  # the transport's default scope
+    assert (gmail.transport, gmail.api_endpoint) == ("gmail_api", mail_api_server.base_url)
+    _, listing = cli.json("integration", "list")
+    assert {(row["id"], row["transport"], row["endpoint"]) for row in listing} == {
+        ("news-api", "gmail_api", mail_api_server.base_url),
+        ("support-graph", "graph", mail_api_server.base_url),
+    }
+    _, table, _ = cli("integration", "list")
+    header, *rows = table.strip().splitlines()
+    assert header.split()[:5] == ["ID", "PROVIDER", "TRANSPORT", "USERNAME", "ENDPOINT"]
+    assert {row.split()[2] for row in rows} == {"graph", "gmail_api"}
+
+
+MICROSOFT_FLAGS = ("--provider", "microsoft", "--tenant-id", "t", "--client-id", "c")
+GOOGLE_FLAGS = ("--provider", "google", "--client-id", "c")
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        ((*GOOGLE_FLAGS, "--transport", "graph"), "transport 'graph' is for providers microsoft"),
+        ((*MICROSOFT_FLAGS, "--transport", "gmail_api"), "transport 'gmail_api' is for providers google"),
+        (
+            (*MICROSOFT_FLAGS, "--transport", "graph", "--graph-endpoint", "http://graph.example"),
+            "graph_endpoint (--graph-endpoint): Value error, graph_endpoint must be an https URL",
+        ),
+        (
+            (*GOOGLE_FLAGS, "--transport", "gmail_api", "--gmail-endpoint", "https://169.254.169.254"),
+            "gmail_endpoint (--gmail-endpoint): Value error, gmail_endpoint points at a link-local",
+        ),
+        (
+            (*MICROSOFT_FLAGS, "--transport", "graph", "--scope", "https://outlook.office365.com/.default"),
+            "needs a Microsoft Graph scope",
+        ),
+    ],
+)
+def test_add_refuses_a_transport_the_integration_cannot_use_and_writes_nothing(cli, flags, problem):
+    secrets_from_files = ["--client-secret-file", cli.secret_file("s3cret-value")]
+    if "google" in flags:
+        secrets_from_files += ["--refresh-token-file", cli.secret_file("1//refresh-value")]
+    code, out, err = cli(
+        "integration", "add", "wrong-transport", *flags, *secrets_from_files,
+        "--username", "a@contoso.example",
+    )  # fmt: skip
+
+    assert code == 2 and out == ""
+    assert "nothing was written" in err and problem in err
+    assert "s3cret-value" not in err
+    assert cli.store.list_ids() == []
+
+
+def test_add_refuses_an_unknown_transport_before_validating(cli):
+    with pytest.raises(SystemExit) as exited:
+        cli("integration", "add", "pigeon", "--provider", "microsoft", "--transport", "carrier-pigeon")
+
+    assert exited.value.code == 2
+    assert "invalid choice: 'carrier-pigeon'" in cli.capsys.readouterr().err
+    assert cli.store.list_ids() == []
+
+
 def test_add_from_file_refuses_to_overwrite_without_replace(cli, tmp_path):
     document = cli.microsoft("m365")
     path = tmp_path / "m365.json"
@@ -216,6 +297,67 @@ def test_doctor_passes_every_step_for_a_good_microsoft_integration(cli):
         assert f"✓ {name}" in out
     assert "✗" not in out and "all checks passed" in out
     assert cli.smtp.accepted == []  # no mail is sent
+
+
+def test_doctor_checks_a_graph_integration_without_sending(cli, mail_api_server):
+    document = cli.microsoft("graph-ok", graph_roles=("Mail.Send",))
+    document |= {"transport": "graph", "graph_endpoint": mail_api_server.base_url}
+    document.pop("smtp")
+    cli.store.put(parse_integration(document))
+    mail_api_server.add_mailbox(document["username"], graph_clients=[document["client_id"]])
+
+    code, out, _ = cli("doctor", "graph-ok")
+
+    assert code == 0, out
+    for name in ("secret", "token", "audience", "role", "api"):
+        assert f"✓ {name}" in out
+    assert "nothing sent" in out
+    assert mail_api_server.received == [] and cli.smtp.accepted == []
+
+
+def test_doctor_finds_a_graph_mailbox_outside_the_application_access_policy(cli, mail_api_server):
+    document = cli.microsoft("graph-denied", graph_roles=("Mail.Send",))
+    document |= {"transport": "graph", "graph_endpoint": mail_api_server.base_url}
+    document.pop("smtp")
+    cli.store.put(parse_integration(document))
+    mail_api_server.add_mailbox(document["username"], graph_clients=[])
+
+    code, steps = doctor_steps(cli, "graph-denied")
+
+    assert code == 1
+    assert steps["role"]["ok"] is True
+    assert steps["api"]["ok"] is False and steps["api"]["code"] == "graph_access_denied"
+    assert "Test-ApplicationAccessPolicy" in steps["api"]["hint"]
+
+
+def test_doctor_checks_a_gmail_api_integration_added_with_flags_and_finds_the_api_disabled(
+    cli, mail_api_server
+):
+    client_id, client_secret = cli.google_client()
+    mailbox = "news@fabrikam.example"
+    refresh = cli.tokens.issue_refresh_token(client_id, mailbox)
+    mail_api_server.add_mailbox(mailbox)
+    added, _, _ = cli(
+        "integration", "add", "news-api", "--provider", "google", "--transport", "gmail_api",
+        "--gmail-endpoint", mail_api_server.base_url, "--username", mailbox, "--client-id", client_id,
+        "--client-secret-file", cli.secret_file(client_secret),
+        "--refresh-token-file", cli.secret_file(refresh),
+        "--token-uri", cli.tokens.google_token_uri,
+    )  # fmt: skip
+
+    good, out, _ = cli("doctor", "news-api")
+    mail_api_server.fail_next("gmail", "accessNotConfigured")
+    disabled, steps = doctor_steps(cli, "news-api")
+
+    assert added == 0
+    assert good == 0, out
+    for name in ("secret", "token", "scope", "api"):
+        assert f"✓ {name}" in out
+    assert disabled == 1
+    assert steps["scope"]["ok"] is True
+    assert steps["api"]["ok"] is False and steps["api"]["code"] == "gmail_api_disabled"
+    assert "Gmail API" in steps["api"]["hint"]
+    assert mail_api_server.received == [] and cli.smtp.accepted == []  # nothing sent
 
 
 def test_doctor_names_a_wrong_client_secret_at_the_token_step(cli):
@@ -746,7 +888,10 @@ def test_list_prints_an_aligned_table_with_health_and_no_colour_off_a_terminal(c
 
     header, *rows = out.strip().splitlines()
     assert code == 0 and "\x1b[" not in out
-    assert header.split() == ["ID", "PROVIDER", "USERNAME", "SMTP", "HEALTH", "CHECKED", "LAST", "ERROR"]
+    assert header.split() == [
+        "ID", "PROVIDER", "TRANSPORT", "USERNAME", "ENDPOINT", "HEALTH", "CHECKED", "LAST", "ERROR",
+    ]  # fmt: skip
+    assert all(row.split()[2] == "smtp" for row in rows)
     assert len(rows) == 2
     assert {row.index("microsoft") for row in rows} == {header.index("PROVIDER")}
     assert all("unknown" in row for row in rows)  # the keeper has not run yet

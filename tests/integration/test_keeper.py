@@ -251,6 +251,42 @@ def test_live_check_route_passes_every_step_for_a_good_integration(deployment):
     assert len(deployment.smtp.accepted) == accepted_before  # no mail is sent
 
 
+def test_live_check_route_for_graph_checks_the_claims_and_an_empty_request_without_sending(
+    deployment, mail_api_server
+):
+    document = deployment.microsoft(
+        "graph-good", transport="graph", graph_endpoint=mail_api_server.base_url, smtp_check=True
+    )
+    mail_api_server.add_mailbox(document["username"])
+
+    status, check = deployment.http(CHECK, "graph-good")
+    summary = deployment.run_keeper()
+
+    assert status == 200 and check["ok"] is True
+    assert [s["name"] for s in check["steps"]] == ["token", "audience", "role", "api"]
+    assert "graph-good" in summary["healthy"]
+    assert mail_api_server.received == []  # no mail is sent
+
+
+def test_live_check_route_explains_smtp_sendasapp_where_graph_needs_mail_send(deployment, mail_api_server):
+    document = deployment.microsoft(
+        "graph-smtp-role", transport="graph", graph_endpoint=mail_api_server.base_url
+    )
+    deployment.tokens.register_microsoft_app(
+        document["tenant_id"],
+        document["client_id"],
+        document["client_secret"],
+        graph_roles=("SMTP.SendAsApp",),
+    )
+
+    status, check = deployment.http(CHECK, "graph-smtp-role")
+
+    failed = [step for step in check["steps"] if not step["ok"]]
+    assert status == 200 and check["ok"] is False
+    assert [(s["name"], s["code"]) for s in failed] == [("role", "graph_access_denied")]
+    assert "SMTP.SendAsApp" in failed[0]["hint"] and "Mail.Send" in failed[0]["hint"]
+
+
 def test_refresh_token_is_exercised_against_the_provider_every_keep_alive_period(deployment, token_server):
     from mailbroker.handlers.keeper import build_keeper
     from mailbroker.settings import KeeperSettings, get_settings

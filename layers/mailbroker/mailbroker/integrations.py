@@ -220,6 +220,14 @@ class _IntegrationBase(_Model):
     # The default of its messages' ``tracking``.
     tracking: Tracking = Field(default_factory=Tracking)
 
+    # Vetted like the token URLs; a field validator so a problem names the field.
+    _v_graph_endpoint = field_validator("graph_endpoint")(
+        lambda v: v if v is None else _https_url(v, "graph_endpoint")
+    )
+    _v_gmail_endpoint = field_validator("gmail_endpoint")(
+        lambda v: v if v is None else _https_url(v, "gmail_endpoint")
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _transport_defaults(cls, data: Any) -> Any:
@@ -255,10 +263,6 @@ class _IntegrationBase(_Model):
                 "transport 'gmail_api' needs the scope https://www.googleapis.com/auth/gmail.send "
                 "or https://mail.google.com/"
             )
-        if self.graph_endpoint is not None:
-            _https_url(self.graph_endpoint, "graph_endpoint")
-        if self.gmail_endpoint is not None:
-            _https_url(self.gmail_endpoint, "gmail_endpoint")
         return self
 
     @property
