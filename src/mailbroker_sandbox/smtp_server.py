@@ -307,9 +307,10 @@ class SandboxSmtpServer:
 
     # --- faults ----------------------------------------------------------------------------------
 
-    def drop_idle_connections(self) -> int:
+    def drop_idle_connections(self, *, announce: bool = True) -> int:
         """Close every open connection with ``421 4.4.2``, as a server's idle timeout does
-        between a client's transactions; returns how many were closed."""
+        between a client's transactions (``announce=False``: reset without a word, as a server
+        restart or a middlebox's timeout looks to the client); returns how many were closed."""
         loop = self._loop
         if loop is None:
             return 0
@@ -317,6 +318,10 @@ class SandboxSmtpServer:
         async def drop() -> int:
             sessions = list(self._sessions)
             for session in sessions:
+                if not announce:
+                    session.release()
+                    session.abort()
+                    continue
                 with contextlib.suppress(Exception):
                     await session.push("421 4.4.2 sandbox.smtp.local idle timeout, closing connection")
                 session._hang_up()

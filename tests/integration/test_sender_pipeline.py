@@ -9,6 +9,7 @@ gave them.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import email
 import json
@@ -356,6 +357,167 @@ def test_a_batch_paced_by_the_governor_waits_on_its_connection_instead_of_requeu
     assert len(pipeline.smtp.accepted) == 10
     assert (pipeline.smtp.connections, pipeline.smtp.auth_attempts) == (1, 1)
     assert pipeline.delays() == []
+
+
+# ----------------------------------------------------------------------- warm SMTP sessions
+
+
+def connection_leases(pipeline: MailPipeline, integration: str) -> dict[str, float]:
+    """The expiry of every lease on the integration's connection slots, by slot."""
+    item = (
+        pipeline.stack.client("dynamodb")
+        .get_item(TableName=pipeline.env["MESSAGE_TABLE"], Key={"pk": {"S": f"gov#{integration}#conn"}})
+        .get("Item", {})
+    )
+    return {slot: float(v["N"]) for slot, v in item.get("holders", {}).get("M", {}).items()}
+
+
+def lapse_leases(pipeline: MailPipeline, integration: str) -> None:
+    """Let every lease on the integration's slots run out (time passing, without the wait)."""
+    past = time.time() - 1
+    for slot in connection_leases(pipeline, integration):
+        pipeline.stack.client("dynamodb").update_item(
+            TableName=pipeline.env["MESSAGE_TABLE"],
+            Key={"pk": {"S": f"gov#{integration}#conn"}},
+            UpdateExpression="SET holders.#slot = :past",
+            ExpressionAttributeNames={"#slot": slot},
+            ExpressionAttributeValues={":past": {"N": f"{past:.3f}"}},
+        )
+
+
+@contextlib.contextmanager
+def another_environment() -> Iterator[None]:
+    """Run the handler as a second execution environment would: its own parked sessions (the
+    first environment's stay open, frozen, and come back afterwards)."""
+    first = dict(runtime._idle_sessions)
+    runtime._idle_sessions.clear()
+    try:
+        yield
+    finally:
+        for parked in runtime._idle_sessions.values():
+            for entry in parked.drop_all():
+                entry.session.close()
+        runtime._idle_sessions.clear()
+        runtime._idle_sessions.update(first)
+
+
+def test_a_second_batch_in_the_same_environment_reuses_the_idle_session(pipeline: MailPipeline) -> None:
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600, "max_connections": 3})
+    first = [pipeline.message(integration) for _ in range(3)]
+    second = [pipeline.message(integration) for _ in range(3)]
+
+    assert pipeline.deliver(*first) == []
+    # Between invocations the session stays open, holding its slot for the idle time only.
+    [lease] = connection_leases(pipeline, integration).values()
+    assert lease <= time.time() + 600 + 5
+    assert pipeline.deliver(*second) == []
+
+    assert len(pipeline.smtp.accepted) == 6
+    assert (pipeline.smtp.connections, pipeline.smtp.auth_attempts) == (1, 1)
+    assert all(pipeline.status(m["id"])["status"] == "sent" for m in first + second)
+    assert len(connection_leases(pipeline, integration)) == 1  # still one slot, renewed
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["421-then-close", "reset-without-a-word"])
+def test_a_session_the_server_closed_while_idle_is_replaced_without_losing_a_message(
+    pipeline: MailPipeline, announce: bool
+) -> None:
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600})
+    assert pipeline.deliver(pipeline.message(integration)) == []
+    assert pipeline.smtp.drop_idle_connections(announce=announce) == 1  # the server's idle timeout
+
+    later = [pipeline.message(integration) for _ in range(3)]
+    assert pipeline.deliver(*later) == []
+
+    assert len(pipeline.smtp.accepted) == 4
+    assert pipeline.smtp.connections == 2
+    assert all(pipeline.status(m["id"])["status"] == "sent" for m in later)
+    assert all(pipeline.status(m["id"])["attempts"] == 1 for m in later)
+    assert pipeline.delays() == []
+
+
+def test_a_session_whose_token_expires_while_idle_is_replaced_not_reauthenticated(
+    pipeline: MailPipeline,
+) -> None:
+    # Short-lived tokens: less than the minute a parked session's token must still have left,
+    # and the broker refreshes them past half their life.
+    pipeline.tokens.lifetime = 6
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600})
+    assert pipeline.deliver(pipeline.message(integration)) == []
+    time.sleep(3.5)  # the idle session's token is now due for refresh
+
+    assert pipeline.deliver(pipeline.message(integration)) == []
+
+    # A new connection with its own single AUTH: never a second AUTH on the old one.
+    assert len(pipeline.smtp.accepted) == 2
+    assert (pipeline.smtp.connections, pipeline.smtp.auth_attempts) == (2, 2)
+    assert pipeline.tokens.issued(client_id=pipeline.client_id(integration)) == 2
+    assert len(connection_leases(pipeline, integration)) == 1  # the old session's slot was released
+
+
+def test_an_idle_session_keeps_the_mailboxs_only_slot_and_gives_it_up_when_another_environment_asks(
+    pipeline: MailPipeline,
+) -> None:
+    # Given a mailbox allowed one connection, held by an idle session of environment A,
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600, "max_connections": 1})
+    assert pipeline.deliver(pipeline.message(integration)) == []
+    [lease] = connection_leases(pipeline, integration).values()
+    assert lease >= time.time() + 500  # as long as the server may keep the connection open
+
+    # environment B's message waits for the slot (put back, no attempt counted),
+    waiting = pipeline.message(integration)
+    with another_environment():
+        assert len(pipeline.deliver(waiting)) == 1
+    assert (pipeline.status(waiting["id"]) or {}).get("attempts", 0) == 0
+
+    # A's next batch sends it on the idle session, then closes the session and frees the slot,
+    pipeline.pass_time()
+    assert pipeline.run(pipeline.receive()) == []
+    assert pipeline.status(waiting["id"])["status"] == "sent"
+    assert pipeline.smtp.connections == 1
+    assert connection_leases(pipeline, integration) == {}
+
+    # and B takes it: never two connections at once.
+    with another_environment():
+        assert pipeline.deliver(pipeline.message(integration)) == []
+    assert pipeline.smtp.connections == 2
+    assert pipeline.smtp.max_concurrent[SENDER] == 1
+
+
+def test_a_frozen_environment_whose_lease_lapsed_closes_its_session_and_waits_for_a_slot(
+    pipeline: MailPipeline,
+) -> None:
+    # Given environment A frozen with an idle session on the mailbox's only slot,
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600, "max_connections": 1})
+    assert pipeline.deliver(pipeline.message(integration)) == []
+
+    # once the server's idle timeout has closed it and the lease has lapsed (ten minutes on),
+    assert pipeline.smtp.drop_idle_connections() == 1
+    lapse_leases(pipeline, integration)
+    # B takes the slot (its idle session holds it),
+    with another_environment():
+        assert pipeline.deliver(pipeline.message(integration)) == []
+    # and A, woken, finds its slot gone: it closes its session and waits, without an attempt.
+    later = pipeline.message(integration)
+    assert len(pipeline.deliver(later)) == 1
+    assert (pipeline.status(later["id"]) or {}).get("attempts", 0) == 0
+
+    assert len(pipeline.smtp.accepted) == 2
+    assert pipeline.smtp.connections == 2
+    assert pipeline.smtp.max_concurrent[SENDER] == 1
+
+
+def test_with_idle_sessions_off_each_batch_closes_its_session_and_releases_its_slot(
+    pipeline: MailPipeline,
+) -> None:
+    pipeline.setenv("SMTP_IDLE_SECONDS", "0")
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600, "max_connections": 3})
+
+    assert pipeline.deliver(pipeline.message(integration)) == []
+    assert connection_leases(pipeline, integration) == {}
+    assert pipeline.deliver(pipeline.message(integration)) == []
+
+    assert (pipeline.smtp.connections, pipeline.smtp.auth_attempts) == (2, 2)
 
 
 def test_bad_json_in_the_middle_of_a_batch_does_not_affect_the_others(pipeline: MailPipeline) -> None:

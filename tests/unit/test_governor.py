@@ -131,6 +131,61 @@ def test_late_release_of_a_lapsed_lease_does_not_free_anyone_elses_slot(governor
         governor.open_connection("m365", M365, holder="env-4", lease_seconds=120)
 
 
+def test_a_live_slot_is_renewed_for_longer_or_shorter(governor, clock):
+    slot = governor.open_connection("m365", M365, holder="a", lease_seconds=30)
+
+    renewed = governor.renew_connection(slot, lease_seconds=240)
+    assert renewed is not None and renewed.expires_at == pytest.approx(clock.now + 240)
+    for n in range(2):
+        governor.open_connection("m365", M365, holder=f"b{n}", lease_seconds=300)
+    clock.now += 100  # past the original lease: the renewed one still counts
+    with pytest.raises(GovernorDelay):
+        governor.open_connection("m365", M365, holder="c", lease_seconds=30)
+
+    shorter = governor.renew_connection(renewed, lease_seconds=5)
+    assert shorter is not None
+    clock.now += 6
+    governor.open_connection("m365", M365, holder="d", lease_seconds=30)
+
+
+def test_a_lapsed_slot_is_not_renewed_so_its_holder_takes_a_new_one(governor, clock):
+    slot = governor.open_connection("m365", M365, holder="a", lease_seconds=30)
+    clock.now += 31
+    for n in range(3):
+        governor.open_connection("m365", M365, holder=f"b{n}", lease_seconds=60)
+
+    assert governor.renew_connection(slot, lease_seconds=60) is None
+    with pytest.raises(GovernorDelay):
+        governor.open_connection("m365", M365, holder="a", lease_seconds=60)
+
+
+def test_a_released_slot_is_not_renewed(governor):
+    slot = governor.open_connection("m365", M365, holder="a", lease_seconds=30)
+    governor.release_connection(slot)
+
+    assert governor.renew_connection(slot, lease_seconds=60) is None
+
+
+def test_an_idle_holder_is_refused_its_renewal_while_another_sender_waits_for_a_slot(governor, clock):
+    # Given every slot held, one of them by an idle session,
+    idle = governor.open_connection("m365", M365, holder="idle", lease_seconds=600)
+    for n in range(2):
+        governor.open_connection("m365", M365, holder=f"busy{n}", lease_seconds=600)
+    assert governor.renew_connection(idle, lease_seconds=600, unless_wanted=True) is not None
+
+    # when a sender is refused a slot, the idle holder may not keep its own,
+    with pytest.raises(GovernorDelay):
+        governor.open_connection("m365", M365, holder="waiting", lease_seconds=60)
+    assert governor.renew_connection(idle, lease_seconds=600, unless_wanted=True) is None
+    # (a holder at work may: it releases its slot when its batch ends)
+    assert governor.renew_connection(idle, lease_seconds=60) is not None
+
+    # and once the waiting sender has a slot, idle holders may keep theirs again.
+    governor.release_connection(idle)
+    waiting = governor.open_connection("m365", M365, holder="waiting", lease_seconds=60)
+    assert governor.renew_connection(waiting, lease_seconds=600, unless_wanted=True) is not None
+
+
 def test_integration_without_a_connection_limit_is_never_held_back(governor):
     slots = [
         governor.open_connection("relay", Limits(), holder=f"env-{n}", lease_seconds=60) for n in range(50)

@@ -149,3 +149,17 @@ def test_names_are_required_and_tunables_are_not():
     }
     assert required(KeeperSettings) == {"TOKEN_TABLE", "TOKEN_KEY_ID", "ALERT_TOPIC_ARN"}
     assert required(TokenBrokerSettings) == {"TOKEN_TABLE", "TOKEN_KEY_ID", "MESSAGE_TABLE", "SEND_QUEUE_URL"}
+
+
+def test_idle_smtp_sessions_default_under_exchanges_ten_minutes_and_can_be_set_or_turned_off():
+    assert SenderSettings.from_env(COMPLETE).smtp_idle_seconds == 240.0
+    assert SenderSettings.from_env({**COMPLETE, "SMTP_IDLE_SECONDS": "90"}).smtp_idle_seconds == 90.0
+    assert SenderSettings.from_env({**COMPLETE, "SMTP_IDLE_SECONDS": "0"}).smtp_idle_seconds == 0.0
+    for beyond in ("601", "-1", "soon"):
+        with pytest.raises(SettingsError) as caught:
+            SenderSettings.from_env({**COMPLETE, "SMTP_IDLE_SECONDS": beyond})
+        assert "SMTP_IDLE_SECONDS" in str(caught.value)
+    template = TEMPLATE["Parameters"]["SmtpIdleSeconds"]
+    assert (template["Default"], template["MaxValue"]) == (240, 600)
+    sender = TEMPLATE["Resources"]["SenderFunction"]["Properties"]["Environment"]["Variables"]
+    assert sender["SMTP_IDLE_SECONDS"] == {"Ref": "SmtpIdleSeconds"}

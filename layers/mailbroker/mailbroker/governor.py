@@ -47,6 +47,8 @@ _ATTEMPTS = 30  # conditional-write rounds before a contended caller is told to 
 _CONTENDED_RETRY = 1.0
 _MIN_RETRY = 0.05
 _TTL_GRACE = 86400
+# How long a sender refused a connection slot asks the holders of idle sessions to give theirs up.
+_WANTED_SECONDS = 60.0
 
 
 class GovernorDelay(Exception):
@@ -134,19 +136,51 @@ class SendGovernor:
             }
             if len(live) >= cap:
                 earliest = sorted(live.values())[len(live) - cap]
+                self._want_slot(key, now)
                 raise GovernorDelay(min(earliest - now, self._busy_retry), "connections")
             expires_at = now + lease_seconds
             live[slot_id] = expires_at
             if self._put_versioned(
                 key,
                 version,
-                "SET holders = :holders",
+                "SET holders = :holders, wanted_until = :zero",  # the waiting sender is served
                 {":holders": {"M": {slot: {"N": _time(exp)} for slot, exp in live.items()}}},
                 ttl=max(live.values()) + _TTL_GRACE,
             ):
                 return ConnectionSlot(integration_id, slot_id, expires_at)
             self._back_off(attempt)
         raise GovernorDelay(_CONTENDED_RETRY, "contention")
+
+    def renew_connection(
+        self, slot: ConnectionSlot, *, lease_seconds: float, unless_wanted: bool = False
+    ) -> ConnectionSlot | None:
+        """Move a live slot's lease to ``lease_seconds`` from now (longer or shorter), or None when
+        the slot is no longer held (its lease lapsed or it was released): take a new one then.
+        ``unless_wanted``: None too when another sender was refused a slot in the last minute
+        (an idle session gives its slot up then; the caller releases it)."""
+        now = self._clock()
+        expires_at = now + lease_seconds
+        if not slot.leased:
+            return ConnectionSlot(slot.integration_id, slot.slot_id, expires_at, leased=False)
+        condition = "holders.#slot > :now"
+        if unless_wanted:
+            condition += " AND (attribute_not_exists(wanted_until) OR wanted_until < :now)"
+        # The version moves too, so a writer that read the map before this cannot write back the
+        # old expiry.
+        renewed = self._table.update(
+            _conn_key(slot.integration_id),
+            "SET holders.#slot = :expires, #ttl = :ttl, version = if_not_exists(version, :zero) + :one",
+            condition=condition,
+            names={"#slot": slot.slot_id, "#ttl": "ttl"},
+            values={
+                ":expires": {"N": _time(expires_at)},
+                ":now": {"N": _time(now)},
+                ":ttl": {"N": str(int(expires_at + _TTL_GRACE))},
+                ":zero": {"N": "0"},
+                ":one": {"N": "1"},
+            },
+        )
+        return ConnectionSlot(slot.integration_id, slot.slot_id, expires_at) if renewed else None
 
     def release_connection(self, slot: ConnectionSlot) -> None:
         """Give the slot back. Releasing twice, or after the lease lapsed, does nothing."""
@@ -314,6 +348,14 @@ class SendGovernor:
             names={"#slot": slot.slot_id},
             values={**values, ":one": {"N": "1"}, ":zero": {"N": "0"}},
         )
+
+    def _want_slot(self, key: str, now: float) -> None:
+        """Tell the holders of idle sessions that a sender is waiting for a slot. Best effort: a
+        sender that cannot say so still waits for a lease to end."""
+        with contextlib.suppress(AwsUnavailable):
+            self._table.update(
+                key, "SET wanted_until = :until", values={":until": {"N": _time(now + _WANTED_SECONDS)}}
+            )
 
     def _open_window(self, key: str, until: float, extra: str, now: float) -> None:
         """Set ``slow_until`` unless a longer window is already open; bump the version so that a

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mailbroker.integrations import IntegrationStore
     from mailbroker.messages.engagement import EngagementStore
     from mailbroker.messages.queue import MessageQueue, QueueActions
+    from mailbroker.messages.sessions import IdleSessions
     from mailbroker.messages.status import MessageStatusStore
     from mailbroker.messages.tracking import LinkTracker, TrackingSigner
     from mailbroker.seams import IntegrationSource
@@ -68,6 +69,18 @@ def integration_store() -> IntegrationStore:
 @lru_cache(maxsize=1)
 def token_broker() -> TokenBroker:
     return build_token_broker(get_settings(TokenCacheEnv), integration_store())
+
+
+_idle_sessions: dict[float, IdleSessions] = {}
+
+
+def idle_sessions(idle_seconds: float) -> IdleSessions:
+    """The SMTP sessions the sender's execution environment keeps open between invocations."""
+    from mailbroker.messages.sessions import IdleSessions
+
+    if idle_seconds not in _idle_sessions:
+        _idle_sessions[idle_seconds] = IdleSessions(idle_seconds)
+    return _idle_sessions[idle_seconds]
 
 
 # --- built from the settings they are given -----------------------------------------------------
@@ -195,6 +208,10 @@ def reset() -> None:
     """Forget every cached client, object and parsed setting (tests change the environment
     between cases)."""
     forget_settings()
+    for parked in _idle_sessions.values():
+        for entry in parked.drop_all():  # their slots' leases lapse by themselves
+            entry.session.close()
+    _idle_sessions.clear()
     aws_client.cache_clear()
     integration_store.cache_clear()
     token_broker.cache_clear()

@@ -180,6 +180,12 @@ class SenderSettings(
 ):
     """The sender: SQS batches in, SMTP out, status records and the dead-letter queue."""
 
+    # How long an authenticated SMTP session stays open in a warm execution environment between
+    # invocations (0: closed at the end of each batch). Under the servers' own idle timeouts
+    # (Exchange Online about 10 minutes, Gmail less); it is also the longest an idle session
+    # holds one of the mailbox's connection slots.
+    smtp_idle_seconds: float = Field(default=240.0, alias="SMTP_IDLE_SECONDS", ge=0, le=600)
+
 
 class KeeperSettings(SecretsEnv, TokenCacheEnv, AlertsEnv):
     """The keeper: every integration's token and health, alerts on the topic."""

@@ -57,4 +57,5 @@ def build_delivery(settings: SenderSettings, context: Any = None) -> Delivery:
         remaining_ms=remaining,
         lease_seconds=lease,
         tracker=runtime.link_tracker(settings),
+        idle_sessions=runtime.idle_sessions(settings.smtp_idle_seconds),
     )

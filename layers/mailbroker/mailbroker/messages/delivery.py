@@ -59,7 +59,7 @@ from mailbroker.messages.received import (
     internal_error,
 )
 from mailbroker.messages.recipients import Recipients, outstanding, refusals_of, settle
-from mailbroker.messages.sessions import DEFAULT_LEASE_SECONDS, SessionPool
+from mailbroker.messages.sessions import DEFAULT_LEASE_SECONDS, IdleSessions, SessionPool
 from mailbroker.messages.status import ClaimRefused, MessageStatusStore, StatusConflict
 from mailbroker.observability import integration_metric, logger
 
@@ -116,6 +116,7 @@ class Delivery:
         max_inline_wait: float = DEFAULT_MAX_INLINE_WAIT,
         inline_wait_budget: float = DEFAULT_INLINE_WAIT_BUDGET,
         tracker: LinkTracker | None = None,
+        idle_sessions: IdleSessions | None = None,
     ) -> None:
         self.statuses = statuses
         self.queue = queue
@@ -142,6 +143,7 @@ class Delivery:
             session_factory=session_factory,
             ssl_context=ssl_context,
             clock=clock,
+            idle=idle_sessions,
         )
         self.outcomes = Outcomes(
             statuses=statuses,
@@ -162,8 +164,9 @@ class Delivery:
                 self._expected[integration] += 1
 
     def close(self) -> None:
-        """Give back the pace the batch took and did not use; QUIT every session the batch
-        opened and release its connection slots."""
+        """Give back the pace the batch took and did not use; park the batch's healthy SMTP
+        sessions in the execution environment (``idle_sessions``) or QUIT them, and release the
+        slots of those closed."""
         places, self._places = self._places, {}
         for held in places.values():
             if self.governor is None:
