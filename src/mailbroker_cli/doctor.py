@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailbroker.diagnosis import ENTRA_ADMIN_CONSENT, microsoft_admin_consent_url
 from mailbroker.errors import (
     MailbrokerError,
     classify_exception,
@@ -351,12 +352,16 @@ def _microsoft_claims(integration: MicrosoftIntegration, token: str) -> Iterator
 
 
 def _graph_instead_of_smtp_hint(integration: MicrosoftIntegration) -> str:
+    consent = (
+        microsoft_admin_consent_url(integration.authority, integration.tenant_id, integration.client_id)
+        or ENTRA_ADMIN_CONSENT
+    )
     return (
         f"{MAIL_SEND} lets an app send through Microsoft Graph, not SMTP: SMTP AUTH needs the "
         f"application permission Office 365 Exchange Online > {SEND_AS_APP} (App registrations > "
         f"{integration.client_id} > API permissions > Add a permission > APIs my organization uses > "
         f"Office 365 Exchange Online > Application permissions), then admin consent at "
-        f"{integration.authority}/{integration.tenant_id}/adminconsent?client_id={integration.client_id}."
+        f"{consent}."
     )
 
 

@@ -1,5 +1,12 @@
 """Output for people and for scripts: aligned tables, check marks, colour only on a terminal, and
-``--json`` for everything."""
+``--json`` for everything.
+
+Everything a command prints passes through here, and here only control characters are removed:
+values come from integration secrets, status records and server replies that someone else may
+have written, and an escape sequence in a mailbox name must not move the cursor, retitle the
+terminal or hide a line. The colour codes ``paint`` itself writes are the only escapes kept;
+``--json`` escapes every control character by itself.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,30 @@ from typing import Any, TextIO
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _COLOURS = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
+# The colour codes paint() writes: the only escape sequences that may reach a terminal.
+_OWN_COLOUR = re.compile("(\x1b\\[(?:" + "|".join([*_COLOURS.values(), "0"]) + ")m)")
+# Bidirectional overrides and isolates reorder what a terminal shows (a disguised name or command).
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str, *, keep: str = "") -> str:
+    """``text`` without control characters (C0, DEL, C1: ESC, CR, the CSI 0x9b...), line and
+    paragraph separators and bidirectional overrides; characters in ``keep`` stay."""
+    return "".join(ch for ch in text if ch in keep or not _is_control(ch))
+
+
+def _is_control(ch: str) -> bool:
+    code = ord(ch)
+    return code < 0x20 or 0x7F <= code <= 0x9F or ch in "\u2028\u2029" or ch in _BIDI
+
+
+def _terminal_safe(text: str, *, colour: bool = False) -> str:
+    """Printable text: lines and tabs kept, and on a colour terminal the colour codes of paint()."""
+    if not colour:
+        return printable(text, keep="\n\t")
+    pieces = _OWN_COLOUR.split(text)
+    # split() with a group: odd indexes are the colour codes themselves.
+    return "".join(piece if i % 2 else printable(piece, keep="\n\t") for i, piece in enumerate(pieces))
 
 
 class Output:
@@ -28,6 +59,7 @@ class Output:
         self.as_json = as_json
         self.colour = _is_terminal(self.stdout) and "NO_COLOR" not in os.environ
         self.interactive = _is_terminal(self.stderr)
+        self._err_colour = self.interactive and "NO_COLOR" not in os.environ
 
     # -- text
     def paint(self, text: str, colour: str) -> str:
@@ -36,15 +68,15 @@ class Output:
         return f"\x1b[{_COLOURS[colour]}m{text}\x1b[0m"
 
     def line(self, text: str = "") -> None:
-        print(text, file=self.stdout, flush=True)
+        print(_terminal_safe(text, colour=self.colour), file=self.stdout, flush=True)
 
     def note(self, text: str) -> None:
         """A remark for the person at the terminal (stderr, so scripts reading stdout are unaffected)."""
-        print(text, file=self.stderr, flush=True)
+        print(_terminal_safe(text, colour=self._err_colour), file=self.stderr, flush=True)
 
     def warn(self, text: str) -> None:
         label = self.paint("warning:", "yellow") if _is_terminal(self.stderr) else "warning:"
-        print(f"{label} {text}", file=self.stderr, flush=True)
+        print(_terminal_safe(f"{label} {text}", colour=self._err_colour), file=self.stderr, flush=True)
 
     def error(self, code: str, message: str, hint: str | None = None) -> None:
         if self.as_json:
@@ -52,11 +84,16 @@ class Output:
             print(json.dumps(body, indent=2), file=self.stdout, flush=True)
             return
         label = self.paint("error:", "red") if _is_terminal(self.stderr) else "error:"
-        print(f"{label} {message} ({code})", file=self.stderr, flush=True)
+        print(
+            _terminal_safe(f"{label} {message} ({code})", colour=self._err_colour),
+            file=self.stderr,
+            flush=True,
+        )
         if hint:
-            print(f"hint: {hint}", file=self.stderr, flush=True)
+            print(_terminal_safe(f"hint: {hint}", colour=self._err_colour), file=self.stderr, flush=True)
 
     def json(self, value: Any) -> None:
+        # ensure_ascii (the default) writes every control character as a \\u escape.
         print(json.dumps(value, indent=2, sort_keys=False, default=str), file=self.stdout, flush=True)
 
     def mark(self, ok: bool | None) -> str:
@@ -82,7 +119,7 @@ class Output:
             frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
             index = 0
             while not stop.wait(0.1):
-                self.stderr.write(f"\r{frames[index % len(frames)]} {label}")
+                self.stderr.write(f"\r{frames[index % len(frames)]} {printable(label)}")
                 self.stderr.flush()
                 index += 1
 
@@ -126,7 +163,8 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    # A cell may hold paint()'s colour codes; line() drops them again off a terminal.
+    return _terminal_safe(str(value).replace("\n", " ").replace("\t", " "), colour=True)
 
 
 def _is_terminal(stream: Any) -> bool:

