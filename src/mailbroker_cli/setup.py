@@ -128,7 +128,9 @@ def powershell_string(value: str) -> str:
     return "'" + "".join(ch * 2 if ch in _POWERSHELL_QUOTES else ch for ch in value) + "'"
 
 
-def admin_consent_url(integration: MicrosoftIntegration, redirect_uri: str = DEFAULT_REDIRECT_URI) -> str | None:
+def admin_consent_url(
+    integration: MicrosoftIntegration, redirect_uri: str = DEFAULT_REDIRECT_URI
+) -> str | None:
     """The Microsoft identity platform v2.0 admin-consent URL for the Exchange Online scope, or
     None when the authority is not a Microsoft sign-in host (it would send the administrator to
     another site)."""
@@ -180,13 +182,14 @@ def graph_plan(integration: MicrosoftIntegration, object_id: str | None) -> dict
     q = powershell_string
     mailbox, app = integration.username, integration.client_id
     group = f"mailbroker-{integration.id}"
+    description = f"mailbroker {integration.id} sends only as {mailbox}"
     others = sorted({s.email for s in integration.senders} - {mailbox}, key=str.lower)
     commands = [
         "Install-Module -Name ExchangeOnlineManagement -Scope CurrentUser   # once",
         f"Connect-ExchangeOnline -Organization {q(integration.tenant_id)}",
         f"New-DistributionGroup -Name {q(group)} -Type Security -Members {q(mailbox)}",
         f"New-ApplicationAccessPolicy -AppId {q(app)} -PolicyScopeGroupId {q(group)} "
-        f"-AccessRight RestrictAccess -Description {q(f'mailbroker {integration.id} sends only as {mailbox}')}",
+        f"-AccessRight RestrictAccess -Description {q(description)}",
         f"Test-ApplicationAccessPolicy -Identity {q(mailbox)} -AppId {q(app)}   # AccessCheckResult: Granted",
     ]
     commands += [
@@ -230,7 +233,9 @@ def _print_smtp(plan: dict[str, Any], args: argparse.Namespace, out: Output) -> 
     out.line(out.paint("1. Grant admin consent", "bold") + " (a Global or Privileged Role Administrator):")
     _print_consent_url(plan, out)
     if plan["admin_consent_url"]:
-        out.line(f"   The browser then lands on {args.redirect_uri}?admin_consent=True&tenant=… (it must be a")
+        out.line(
+            f"   The browser then lands on {args.redirect_uri}?admin_consent=True&tenant=… (it must be a"
+        )
         out.line("   redirect URI of the app; the consent is recorded even if that page does not load).")
     out.line("   The app registration needs the application permission Office 365 Exchange Online >")
     out.line("   SMTP.SendAsApp (API permissions > Add a permission > APIs my organization uses).")

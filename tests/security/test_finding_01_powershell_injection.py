@@ -15,11 +15,18 @@ import uuid
 
 import pytest
 from mailbroker import runtime
-from mailbroker.integrations import IntegrationStore, parse_integration
+from mailbroker.errors import classify_token_error
+from mailbroker.integrations import IntegrationStore, context_of, parse_integration
 
 from mailbroker_cli.main import main
 from mailbroker_cli.output import Output
-from mailbroker_cli.setup import admin_consent_url, microsoft_plan, plan_problems, powershell_string
+from mailbroker_cli.setup import (
+    admin_consent_url,
+    graph_plan,
+    microsoft_plan,
+    plan_problems,
+    powershell_string,
+)
 from mailbroker_sandbox.aws import provision
 
 TENANT = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b"
@@ -84,12 +91,15 @@ def deployment(moto_server, template, aws_env, monkeypatch, capsys):
         ("senders", [{"email": "a@contoso.com\";Set-Mailbox('ceo')-ForwardingSmtpAddress:evil;\""}]),
     ],
 )
+@pytest.mark.parametrize("transport", ["smtp", "graph"])
 def test_finding_1_setup_refuses_an_integration_whose_values_would_run_as_powershell(
-    deployment, field, value
+    deployment, field, value, transport
 ):
     deployment.write(_document(**{field: value}))
 
-    code, out, err = deployment.run("setup", "microsoft", "m365", "--object-id", OBJECT)
+    code, out, err = deployment.run(
+        "setup", "microsoft", "m365", "--object-id", OBJECT, "--transport", transport
+    )
 
     assert code == 2
     assert out == ""  # not one command printed
@@ -144,17 +154,47 @@ def test_finding_1_an_object_id_that_is_not_a_guid_is_refused(deployment):
         "https://login.microsoftonline.com/evil-path",
     ],
 )
-def test_finding_1_no_consent_url_for_an_authority_that_is_not_microsofts(deployment, authority):
+@pytest.mark.parametrize("transport", ["smtp", "graph"])
+def test_finding_1_no_consent_url_for_an_authority_that_is_not_microsofts(deployment, authority, transport):
     deployment.write(_document(authority=authority))
 
-    code, out, _ = deployment.run("setup", "microsoft", "m365", "--object-id", OBJECT)
+    code, out, _ = deployment.run(
+        "setup", "microsoft", "m365", "--object-id", OBJECT, "--transport", transport
+    )
 
     assert code == 0
     assert "adminconsent" not in out and "evil" not in out
     assert "is not a Microsoft sign-in host" in out
-    assert (
-        microsoft_plan(parse_integration(_document(authority=authority)), OBJECT)["admin_consent_url"] is None
+    integration = parse_integration(_document(authority=authority))
+    assert microsoft_plan(integration, OBJECT)["admin_consent_url"] is None
+    assert graph_plan(integration, OBJECT)["admin_consent_url"] is None
+
+
+@pytest.mark.parametrize(
+    "authority", ["https://evil.example", "https://login.microsoftonline.com.evil.example"]
+)
+def test_finding_1_error_hints_send_no_one_to_an_authority_that_is_not_microsofts(authority):
+    # The hints of token failures (status records, dead letters, doctor) name where to consent.
+    integration = parse_integration(_document(authority=authority))
+
+    for aadsts in (700016, 65001):
+        error = classify_token_error(
+            status=400,
+            error="invalid_client",
+            error_codes=[aadsts],
+            provider="microsoft",
+            context=context_of(integration),
+        )
+        assert "evil" not in error.hint and "adminconsent" not in error.hint
+        assert "Grant admin consent" in error.hint
+    genuine = classify_token_error(
+        status=400,
+        error="invalid_client",
+        error_codes=[65001],
+        provider="microsoft",
+        context=context_of(parse_integration(_document())),
     )
+    assert f"https://login.microsoftonline.com/{TENANT}/adminconsent?client_id={CLIENT}" in genuine.hint
 
 
 @pytest.mark.parametrize(
@@ -169,7 +209,13 @@ def test_finding_1_no_consent_url_for_an_authority_that_is_not_microsofts(deploy
 def test_finding_1_consent_url_on_public_and_sovereign_cloud_hosts(authority, host):
     integration = parse_integration(_document(authority=authority))
 
-    assert admin_consent_url(integration) == f"https://{host}/{TENANT}/adminconsent?client_id={CLIENT}"
+    assert admin_consent_url(integration) == (
+        f"https://{host}/{TENANT}/v2.0/adminconsent?client_id={CLIENT}"
+        "&scope=https://outlook.office365.com/.default&redirect_uri=http://localhost"
+    )
+    assert graph_plan(integration, OBJECT)["admin_consent_url"] == (
+        f"https://{host}/{TENANT}/adminconsent?client_id={CLIENT}"
+    )
 
 
 def test_finding_1_tenant_may_be_a_verified_domain_name():

@@ -18,8 +18,9 @@ Hints are templates: ``{integration}``, ``{mailbox}``, ``{tenant}``, ``{client_i
 ``{authority}`` are filled from what the caller knows (``render_hint``), and a name nobody knows
 stays as ``<name>``. ``{consent_url}`` is derived from them, and is a link only on one of
 Microsoft's own sign-in hosts: the authority comes from an integration secret, and a hint must not
-send an administrator to someone else's site to grant consent. Every code used here is in the catalogue of ``errors.py``; the corpus of real
-signatures in the integration tests replays each row end to end.
+send an administrator to someone else's site to grant consent. Every code used here is in the
+catalogue of ``errors.py``; the corpus of real signatures in the integration tests replays each
+row end to end.
 """
 
 from __future__ import annotations
