@@ -19,7 +19,16 @@ from pathlib import Path
 from bench import Row, table
 from bench.environment import Sandbox
 
-FIGURES = ("token_calls", "smtp_round_trips", "connections", "cold_start", "throughput", "cache_hit")
+FIGURES = (
+    "token_calls",
+    "smtp_round_trips",
+    "warm_sessions",
+    "connections",
+    "cold_start",
+    "throughput",
+    "latency",
+    "cache_hit",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from bench.environment import environ, outgoing
 
 INTEGRATIONS = 5
 WORKERS = 4
-TARGET_RATIO = 1.5
+TARGET_RATIO = 10.0
 WINDOW = 50  # transactions the floor client has in flight
 
 

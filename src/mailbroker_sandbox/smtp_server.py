@@ -113,6 +113,8 @@ class AcceptedMessage:
     mechanism: str
     queue_id: str = ""
     mail_options: list[str] = field(default_factory=list)
+    # time.perf_counter() when the server took the message, just before it answered 250
+    accepted_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True)
