@@ -147,6 +147,37 @@ def test_both_token_libraries_sign_without_the_dependencies_the_layer_leaves_out
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+GUESS_AN_ENCODING_WITHOUT_THE_COMPILED_ACCELERATORS = """
+import charset_normalizer, requests
+text = "Grüße aus Köln, das Paket ist unterwegs. " * 10
+best = charset_normalizer.from_bytes(text.encode("utf-8")).best()
+assert best is not None and str(best) == text, best
+response = requests.models.Response()
+response._content = "café".encode("utf-8")
+assert response.apparent_encoding.lower().replace("_", "-") in {"utf-8", "utf8"}
+import sys
+compiled = [m for m in ("charset_normalizer.md", "charset_normalizer.cd")
+            if sys.modules[m].__file__.endswith(".so")]
+assert not compiled, compiled
+"""
+
+
+def test_charset_detection_runs_on_pure_python_without_the_files_the_layer_leaves_out(
+    staged_layer: Path, tmp_path: Path
+):
+    assert not list((staged_layer / "charset_normalizer").glob("*.so"))
+    assert not list(staged_layer.glob("wrapt/*.c"))
+    assert not (staged_layer / "bin").exists()
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", GUESS_AN_ENCODING_WITHOUT_THE_COMPILED_ACCELERATORS],
+        env={"PYTHONPATH": str(staged_layer), "PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_the_api_never_enables_swagger_whose_assets_the_layer_leaves_out():
     package = ROOT / "layers" / "mailbroker" / "mailbroker"
     sources = "\n".join(p.read_text() for p in package.rglob("*.py"))
