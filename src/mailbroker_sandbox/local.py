@@ -27,7 +27,7 @@ import tempfile
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -58,6 +58,7 @@ class Demo:
     mailbox: str
     auth: str
     note: str = ""
+    transport: str = "smtp"
 
 
 class Sandbox:
@@ -84,6 +85,7 @@ class Sandbox:
         self.moto: Any = None
         self.tokens: Any = None
         self.smtp: Any = None
+        self.mail_apis: Any = None
         self.stack: Any = None
         self.env: dict[str, str] = {}
         self._saved_env: dict[str, str | None] = {}
@@ -106,6 +108,7 @@ class Sandbox:
     def start(self) -> Sandbox:
         from mailbroker_sandbox.aws import MotoServer, load_template, provision
         from mailbroker_sandbox.ca import create_ca
+        from mailbroker_sandbox.mail_apis import MailApiServer
         from mailbroker_sandbox.smtp_server import HttpIntrospector, SandboxSmtpServer
         from mailbroker_sandbox.token_server import TokenServer
 
@@ -118,6 +121,10 @@ class Sandbox:
                 self.ca,
                 verify_token=HttpIntrospector(self.tokens.introspection_url, str(self.ca.ca_cert)),
                 hostname="smtp.sandbox.example",
+            ).start()
+            # Graph sendMail and Gmail messages.send, accepting only tokens the endpoints above issued.
+            self.mail_apis = MailApiServer(
+                self.ca, verify_token=HttpIntrospector(self.tokens.introspection_url, str(self.ca.ca_cert))
             ).start()
             parameters = {**self._events_target(), **self.parameters}
             self.stack = provision(
@@ -153,11 +160,11 @@ class Sandbox:
         return {"EventsTargetArn": arn["Attributes"]["QueueArn"], "EventsTargetKind": "sqs"}
 
     def stop(self) -> None:
-        for server in (self.smtp, self.tokens, self.moto):
+        for server in (self.mail_apis, self.smtp, self.tokens, self.moto):
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.stop()
-        self.smtp = self.tokens = self.moto = None
+        self.mail_apis = self.smtp = self.tokens = self.moto = None
         if self.workdir.name.startswith("mailbroker-sandbox-"):
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = Path()
@@ -344,7 +351,8 @@ class Sandbox:
 
     def register_demo(self) -> list[Demo]:
         """One integration per provider type, each backed by the sandbox's stand-in for its
-        provider, plus a Gmail integration whose user has revoked access."""
+        provider, plus a Gmail integration whose user has revoked access, and the HTTP transports:
+        Graph sendMail (one mailbox outside the app's application access policy) and the Gmail API."""
         from mailbroker.integrations import parse_integration
 
         tokens, smtp = self.tokens, self.smtp
@@ -391,6 +399,7 @@ class Sandbox:
                 "no SendAs on billing@; secret expires in 20 days",
             ),
         )
+        self._register_graph_demos(tenant, secret, add)
         # Gmail: an OAuth client and a user's refresh token.
         client_id = f"{secrets.randbelow(10**12)}-sandbox.apps.googleusercontent.com"
         client_secret = "GOCSPX-" + _secret()
@@ -434,6 +443,7 @@ class Sandbox:
                 "billing-ws", "google_service_account", "billing@fabrikam.example", "JWT bearer (google-auth)"
             ),
         )
+        self._register_gmail_api_demo(add)
         # Any OAuth2 server: client credentials.
         relay_client, relay_secret = "relay-app", _secret()
         tokens.register_oauth2_client(relay_client, relay_secret, scope="smtp.send")
@@ -480,6 +490,64 @@ class Sandbox:
             Demo("gmail-revoked", "google", "bo@gmail.example", "refresh token", "user revoked access"),
         )
         return demos
+
+    def _register_graph_demos(
+        self, tenant: str, secret: str, add: Callable[[dict[str, Any], Demo], None]
+    ) -> None:
+        """Two Entra apps with Mail.Send over Microsoft Graph (no SMTP AUTH), each limited by an
+        application access policy: support@'s lets its app in, sales@'s lets no app in."""
+        apis = self.mail_apis
+        for graph_id, mailbox, name, note in (
+            ("support-graph", "support@contoso.com", "Contoso Support", "Graph sendMail, no SMTP AUTH"),
+            ("sales-graph", "sales@contoso.com", "Contoso Sales", "outside the application access policy"),
+        ):
+            app = str(uuid.uuid4())
+            self.tokens.register_microsoft_app(tenant, app, secret, roles=(), graph_roles=("Mail.Send",))
+            apis.add_mailbox(mailbox, graph_clients=[app] if graph_id == "support-graph" else [])
+            add(
+                {
+                    "id": graph_id,
+                    "provider": "microsoft",
+                    "transport": "graph",
+                    "graph_endpoint": apis.base_url,
+                    "username": mailbox,
+                    "senders": [{"email": mailbox, "name": name}],
+                    "tenant_id": tenant,
+                    "client_id": app,
+                    "client_secret": secret,
+                    "authority": self.tokens.microsoft_authority(),
+                    # The keeper's live check of a Graph integration: claims and an empty sendMail.
+                    "smtp_check": graph_id == "support-graph",
+                },
+                Demo(graph_id, "microsoft", mailbox, "MSAL client credentials", note, "graph"),
+            )
+
+    def _register_gmail_api_demo(self, add: Callable[[dict[str, Any], Demo], None]) -> None:
+        """A Workspace service account whose delegation grants gmail.send, over the Gmail API."""
+        mailbox = "news@fabrikam.example"
+        key = self.tokens.register_service_account(allowed_subjects=[mailbox])
+        self.mail_apis.add_mailbox(mailbox)
+        add(
+            {
+                "id": "news-ws",
+                "provider": "google_service_account",
+                "transport": "gmail_api",
+                "gmail_endpoint": self.mail_apis.base_url,
+                "username": mailbox,
+                "service_account_info": key,
+                "subject": mailbox,
+                "scope": "https://www.googleapis.com/auth/gmail.send",
+                "token_uri": self.tokens.google_token_uri,
+            },
+            Demo(
+                "news-ws",
+                "google_service_account",
+                mailbox,
+                "JWT bearer (google-auth)",
+                "scope gmail.send",
+                "gmail_api",
+            ),
+        )
 
 
 def powertools_from_env(env: Mapping[str, str]) -> None:
@@ -774,6 +842,7 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
                 "environment": {k: v for k, v in env.items() if not k.startswith("POWERTOOLS")},
                 "integrations": [d.id for d in demos],
                 "smtp": f"127.0.0.1:{sandbox.smtp.port}",
+                "mail_apis": sandbox.mail_apis.base_url,
                 "token_endpoints": sandbox.tokens.base_url,
                 "google_oauth_client": (
                     {"client_id": google["client_id"], "client_secrets_file": str(client_file)}
@@ -791,6 +860,7 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
     out.line(f"  AWS (moto)      {sandbox.moto.endpoint_url}")
     out.line(f"  token endpoints {sandbox.tokens.base_url}")
     out.line(f"  SMTP            127.0.0.1:{sandbox.smtp.port} (STARTTLS, sandbox CA)")
+    out.line(f"  Graph, Gmail API {sandbox.mail_apis.base_url} (sendMail, messages.send)")
     out.line(f"  function logs   {log_path}")
     if demos:
         out.line(f"  integrations    {', '.join(d.id for d in demos)}")
