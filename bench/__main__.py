@@ -24,6 +24,7 @@ FIGURES = (
     "smtp_round_trips",
     "warm_sessions",
     "connections",
+    "http_transports",
     "cold_start",
     "throughput",
     "latency",

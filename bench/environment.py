@@ -1,6 +1,6 @@
 """The loopback world the figures run in: the sandbox CA, token endpoints, moto server with the
-stack provisioned from ``template.yaml``, and SMTP servers. Each piece starts on first use and
-stops when the run ends."""
+stack provisioned from ``template.yaml``, SMTP servers and the Graph / Gmail API stand-ins. Each
+piece starts on first use and stops when the run ends."""
 
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ class Sandbox:
         from mailbroker_sandbox.smtp_server import SandboxSmtpServer
 
         server = SandboxSmtpServer(self.ca, verify_token=self.tokens.introspect, **options).start()
+        self._stack.callback(server.stop)
+        return server
+
+    def mail_api_server(self) -> Any:
+        """A new started Graph / Gmail API stand-in (HTTPS; tokens verified against ``tokens``)."""
+        from mailbroker_sandbox.mail_apis import MailApiServer
+
+        server = MailApiServer(self.ca, verify_token=self.tokens.introspect).start()
         self._stack.callback(server.stop)
         return server
 
