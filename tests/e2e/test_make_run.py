@@ -3,9 +3,9 @@ newcomer reads it, and nothing it started left running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,24 +42,35 @@ def section(out: str, title: str) -> str:
     return out[start : following if following != -1 else len(out)]
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.xdist_group("make-run")
 @pytest.mark.timeout(450)
-def test_make_run_succeeds_and_leaves_none_of_the_servers_it_started_listening(run):
+def test_make_run_succeeds_and_leaves_no_server_it_started_running(run):
     completed = run
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "Everything it started has stopped." in completed.stdout
     assert "Traceback" not in completed.stderr
     started = section(completed.stdout, "▸ Started")
-    ports = {int(port) for port in re.findall(r"127\.0\.0\.1:(\d+)", started)}
-    # moto server, token endpoints, SMTP server, Graph / Gmail API stand-ins
-    assert len(ports) == 4, started
-    assert [port for port in ports if _listening(port)] == []
+    # moto server, token endpoints, SMTP server, Graph / Gmail API stand-ins, each on its own port
+    ports = re.findall(r"127\.0\.0\.1:(\d+)", started)
+    assert len(set(ports)) == 4, started
+    # The token, SMTP and mail API servers live in the run's process; moto server is a process of
+    # its own, in a session of its own, so only an explicit stop ends it.
+    moto_port = re.search(r"moto server .* http://127\.0\.0\.1:(\d+)", started)
+    assert moto_port is not None, started
+    assert _processes_with("mailbroker_sandbox.moto_atomic", f"-p {moto_port.group(1)}") == []
+
+
+def _processes_with(*parts: str) -> list[int]:
+    """Live processes whose command line holds every one of ``parts``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if all(part in command for part in parts):
+                found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.xdist_group("make-run")
