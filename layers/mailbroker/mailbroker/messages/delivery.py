@@ -248,17 +248,19 @@ class Delivery:
         integration = self.integrations.get(message.integration)
         attempt.context = context_of(integration)
         message = with_sender_defaults(message, integration)
-        check_allowed(message, integration)
+        message = check_allowed(message, integration)  # ``from`` as the integration spells it
         self._check_time_left(integration)
         mail_from, every = envelope(message)
+        data = self._mime(
+            self._tracked(message, integration), item, bcc_header=integration.transport != "smtp"
+        )
+        # Building takes time too: an id is claimed only with the time left to send it.
+        self._check_time_left(integration)
         session = self.sessions.session_for(integration)
         if self.governor is not None:
             # Every recipient is counted against the daily cap: which ones are still outstanding
             # is known once the claim has answered the record (stricter on a retry, never looser).
             self._take_message(self.governor, integration, len(every))
-        data = self._mime(
-            self._tracked(message, integration), item, bcc_header=integration.transport != "smtp"
-        )
 
         try:
             claimed = self._claim(item, attempt, integration.id)

@@ -15,11 +15,12 @@ import hashlib
 import re
 import uuid
 from email import policy as email_policy
-from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
 
-from mailbroker.messages.models import EmailAddress, OutgoingMessage
+from mailbroker.errors import InvalidMessage
+from mailbroker.messages.address_header import address_header
+from mailbroker.messages.models import OutgoingMessage
 
 _HOST = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -54,15 +55,17 @@ def build_mime(
         when = when.replace(tzinfo=dt.UTC)
 
     root = EmailMessage(policy=policy)
-    root["From"] = _address(message.sender)
-    if message.to:
-        root["To"] = [_address(a) for a in message.to]
-    if message.cc:
-        root["Cc"] = [_address(a) for a in message.cc]
-    if bcc_header and message.bcc:
-        root["Bcc"] = [_address(a) for a in message.bcc]
-    if message.reply_to:
-        root["Reply-To"] = [_address(a) for a in message.reply_to]
+    # Address headers are folded by address_header.py in one pass (set_raw: stored as they are).
+    # For SMTP, Bcc is only in the envelope; the HTTP transports read it from the header.
+    for name, addresses in (
+        ("From", [message.sender]),
+        ("To", message.to),
+        ("Cc", message.cc),
+        ("Bcc", message.bcc if bcc_header else []),
+        ("Reply-To", message.reply_to),
+    ):
+        if addresses:
+            root.set_raw(name, address_header(name, addresses, utf8=policy.utf8))
     root["Subject"] = message.subject
     root["Date"] = format_datetime(when)
     root["Message-ID"] = message_id_for(seed, message_id_domain)
@@ -90,7 +93,22 @@ def build_mime(
     else:
         _fill_body(root, bodies)
     _set_boundaries(root, seed)
+    _refuse_broken_part_headers(root)
     return root
+
+
+def _refuse_broken_part_headers(root: EmailMessage) -> None:
+    """No MIME header of any part holds a line break once the email package has read its
+    parameters (it decodes RFC 2047 words inside them, and ``as_bytes`` writes headers without
+    ``verify_generated_headers``): such a header could add part headers or close the multipart
+    early. ``messages/models.py`` refuses the known way in; this is the backstop."""
+    for part in root.walk():
+        for name, value in part.raw_items():
+            if name.lower().startswith("content-") and ("\r" in str(value) or "\n" in str(value)):
+                raise InvalidMessage(
+                    "invalid message: a MIME header would carry a line break",
+                    details=[{"field": "attachments", "problem": "a file name would break a MIME header"}],
+                )
 
 
 def envelope(message: OutgoingMessage) -> tuple[str, list[str]]:
@@ -102,10 +120,6 @@ def envelope(message: OutgoingMessage) -> tuple[str, list[str]]:
             seen.add(address.email.lower())
             rcpts.append(address.email)
     return message.sender.email, rcpts
-
-
-def _address(address: EmailAddress) -> Address:
-    return Address(display_name=address.name or "", username=address.local_part, domain=address.domain)
 
 
 def _fill_body(part: MIMEPart, bodies: list[tuple[str, str]]) -> None:

@@ -56,6 +56,12 @@ MAX_RECIPIENTS = 500  # to + cc + bcc (Microsoft 365's per-message limit)
 MAX_HEADERS = 100
 MAX_BODY_CHARS = 20 * 1024 * 1024
 MAX_PROBLEMS = 100  # details listed; a summary entry says how many more there were
+MAX_DISPLAY_NAME_CHARS = 200
+# From, To, Cc, Bcc and Reply-To together (the HTTP transports write a Bcc header too): addresses
+# and display names, in UTF-8 octets. 500 recipients of 40-octet addresses with 80-octet names fit;
+# Exchange Online refuses a message whose headers pass 256 KiB, and writing such headers is work
+# the sender does before it may claim the id.
+MAX_ADDRESS_HEADER_BYTES = 64 * 1024
 
 # Headers mailbroker writes itself: a caller's copy would contradict the envelope or the MIME tree.
 RESERVED_HEADERS = frozenset(
@@ -182,9 +188,13 @@ def _header_name(value: str) -> str:
 
 def _filename(value: str) -> str:
     """Keep the last path component, drop control and format characters (including bidi
-    overrides, which disguise extensions)."""
+    overrides, which disguise extensions). Refuse RFC 2047 encoded-word syntax: the email
+    package decodes ``=?utf-8?q?x=0D=0AX-Injected:_yes?=`` inside a parameter, so a CR or LF
+    would reach the part's headers after every check here. A name is given in Unicode instead."""
     name = _unicode(value).replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C").strip()
+    if "=?" in name:
+        raise ValueError("must not contain '=?' (RFC 2047 encoded-word syntax): give the name in Unicode")
     if name in {"", ".", ".."}:
         raise ValueError("must name a file (path parts and control characters are removed)")
     if len(name) > 255:
@@ -237,7 +247,14 @@ class _Model(BaseModel):
 
 class EmailAddress(_Model):
     email: EmailStr
-    name: Annotated[str | None, Field(max_length=200), AfterValidator(_display_name)] = None
+    name: Annotated[str | None, Field(max_length=MAX_DISPLAY_NAME_CHARS), AfterValidator(_display_name)] = (
+        None
+    )
+
+    @property
+    def header_bytes(self) -> int:
+        """Octets of address and display name, before encoding (the address-header budget)."""
+        return len(self.email.encode("utf-8")) + len((self.name or "").encode("utf-8"))
 
     @property
     def local_part(self) -> str:
@@ -303,6 +320,9 @@ class OutgoingMessage(_Model):
             has_body=bool(self.text or self.html),
             attachment_bytes=sum(len(a.content) for a in self.attachments),
             header_names=list(self.headers),
+            address_header_bytes=sum(
+                a.header_bytes for a in (*self._from, *self.to, *self.cc, *self.bcc, *self.reply_to)
+            ),
         )
         if problems:
             first = problems[0]
@@ -368,9 +388,23 @@ def _qp_upper_bound(text: str) -> int:
 
 
 def _rule_problems(
-    *, recipients: int, has_body: bool, attachment_bytes: int, header_names: list[str]
+    *,
+    recipients: int,
+    has_body: bool,
+    attachment_bytes: int,
+    header_names: list[str],
+    address_header_bytes: int = 0,
 ) -> list[dict[str, str]]:
     problems = []
+    if address_header_bytes > MAX_ADDRESS_HEADER_BYTES:
+        problems.append(
+            {
+                "field": "to",
+                "problem": f"from, to, cc, bcc and reply_to together hold more than "
+                f"{MAX_ADDRESS_HEADER_BYTES // 1024} KiB of addresses and display names: "
+                "shorten the display names or split the recipients over several messages",
+            }
+        )
     if recipients == 0:
         problems.append({"field": "to", "problem": "at least one recipient (to, cc or bcc) is required"})
     elif recipients > MAX_RECIPIENTS:
@@ -508,7 +542,25 @@ def _raw_rule_problems(data: Mapping[str, Any]) -> list[dict[str, str]]:
         has_body=bool(data.get("text") or data.get("html")),
         attachment_bytes=sum(decoded_size(a) for a in attachments) if isinstance(attachments, list) else 0,
         header_names=list(headers) if isinstance(headers, Mapping) else [],
+        address_header_bytes=sum(
+            _raw_address_bytes(data.get(key)) for key in ("from", "to", "cc", "bcc", "reply_to")
+        ),
     )
+
+
+def _raw_address_bytes(value: Any) -> int:
+    """The address-header octets of a field as given (a string, an object or a list of them).
+    Each part counts at most its own limit: a part over it is reported on its own field."""
+    if isinstance(value, list):
+        return sum(_raw_address_bytes(item) for item in value)
+    if isinstance(value, Mapping):
+        email, name = value.get("email"), value.get("name")
+        return _capped(email, 254) + _capped(name, MAX_DISPLAY_NAME_CHARS * 4)
+    return _capped(value, 254 + MAX_DISPLAY_NAME_CHARS * 4 + 3)
+
+
+def _capped(value: Any, limit: int) -> int:
+    return min(len(value.encode("utf-8", "replace")), limit) if isinstance(value, str) else 0
 
 
 # --- authorisation -------------------------------------------------------------------------------
@@ -532,11 +584,19 @@ def with_sender_defaults(message: OutgoingMessage, integration: Integration) -> 
     return message.model_copy(update={"from_": chosen})
 
 
-def check_allowed(message: OutgoingMessage, integration: Integration) -> None:
-    """Raise ``SenderNotAllowed`` unless the integration may send as ``from`` for this ``usage``."""
-    allowed = {_comparable(address) for address in integration.allowed_senders()}
+def check_allowed(message: OutgoingMessage, integration: Integration) -> OutgoingMessage:
+    """Raise ``SenderNotAllowed`` unless the integration may send as ``from`` for this ``usage``.
+
+    Returns the message with ``from`` spelled exactly as the integration lists it: addresses are
+    compared ignoring the case of ASCII letters only (``str.lower`` would take the Kelvin sign
+    U+212A for ``k``), and what is sent is what was configured, never the caller's spelling."""
+    configured = {
+        _comparable(address): address
+        for address in (*(s.email for s in integration.senders), integration.username)
+    }
+    sender = configured.get(_ascii_lower(message.sender.email))
     problems = []
-    if message.sender.email.lower() not in allowed:
+    if sender is None:
         problems.append({"field": "from", "problem": "not one of the integration's senders"})
     if message.usage not in integration.usage:
         problems.append({"field": "usage", "problem": "not enabled for the integration"})
@@ -545,10 +605,24 @@ def check_allowed(message: OutgoingMessage, integration: Integration) -> None:
         raise SenderNotAllowed(
             f"integration {integration.id!r} does not allow this message's {what}", details=problems
         )
+    if sender is None or sender == message.sender.email:
+        return message
+    try:
+        as_configured = EmailAddress(email=sender, name=message.sender.name)
+    except ValidationError:  # a configured address this model refuses: keep the caller's spelling
+        return message
+    return message.model_copy(update={"from_": as_configured})
+
+
+_ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(text: str) -> str:
+    return text.translate(_ASCII_UPPER)
 
 
 def _comparable(address: str) -> str:
     try:
-        return _email_address(address).lower()
+        return _ascii_lower(_email_address(address))
     except ValueError:
-        return address.lower()
+        return _ascii_lower(address)
