@@ -146,6 +146,7 @@ def test_each_open_and_click_is_published_as_an_event(sandbox, human_window):
     events = [e for e in sandbox.delivery_events(wait_seconds=1) if e["detail"]["id"] == message_id]
 
     assert [e["detail-type"] for e in events] == ["Message Sent", "Message Opened", "Message Link Clicked"]
+    assert events[0]["detail"]["accepted"] == ["ana@example.com"]
     opened, clicked = events[1]["detail"], events[2]["detail"]
     assert {k: v for k, v in opened.items() if k != "at"} == {
         "id": message_id,

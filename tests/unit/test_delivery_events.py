@@ -100,12 +100,25 @@ def test_a_failure_whose_delivery_is_uncertain_has_its_own_detail_type():
     )
 
 
-def test_accepted_recipients_are_carried_when_the_record_keeps_them():
-    accepted = {"S": json.dumps(["ana@example.com"])}
+def test_accepted_recipients_are_the_delivered_outcomes_of_the_record():
+    outcomes = [
+        {"recipient": "ana@example.com", "status": "delivered", "reply": "250 2.1.5 OK"},
+        {"recipient": "bo@example.com", "status": "retrying", "code": "mailbox_busy"},
+        {"recipient": "cy@example.com", "status": "failed", "code": "recipient_rejected"},
+    ]
+    change = {"recipients": {"S": json.dumps(outcomes)}}
 
-    (event,) = events_for_change(status_change(None, {"accepted": accepted}))
+    (event,) = events_for_change(status_change(None, change))
 
     assert event.detail["accepted"] == ["ana@example.com"]
+
+
+def test_no_accepted_field_when_no_recipient_was_delivered():
+    change = {"recipients": {"S": json.dumps([{"recipient": "bo@example.com", "status": "retrying"}])}}
+
+    (event,) = events_for_change(status_change(None, change))
+
+    assert "accepted" not in event.detail
 
 
 def test_a_deleted_record_announces_nothing():

@@ -201,13 +201,22 @@ def _message_detail(image: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _recipients(image: Mapping[str, Any]) -> dict[str, Any]:
-    """``accepted`` and ``refused`` as the status record keeps them (lists of addresses, and of
-    ``{"recipient", "reply"}``)."""
+    """``accepted``: the addresses whose outcome in the record's ``recipients`` is ``delivered``
+    (so far, for a message still retrying others); ``refused``: the record's permanent refusals,
+    as ``{"recipient", "reply"}``."""
     found: dict[str, Any] = {}
-    for name in ("accepted", "refused"):
-        value = _json(image.get(name))
-        if isinstance(value, list) and value:
-            found[name] = value
+    outcomes = _json(image.get("recipients"))
+    if isinstance(outcomes, list):
+        accepted = [
+            str(entry["recipient"])
+            for entry in outcomes
+            if isinstance(entry, dict) and entry.get("status") == "delivered" and entry.get("recipient")
+        ]
+        if accepted:
+            found["accepted"] = accepted
+    refused = _json(image.get("refused"))
+    if isinstance(refused, list) and refused:
+        found["refused"] = refused
     return found
 
 
