@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from botocore.exceptions import EndpointConnectionError, ParamValidationError
+from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError
 from mailbroker.dynamodb import Table, epoch, integer, iso, num, number, text
 from mailbroker.errors import AwsUnavailable
 from mailbroker.governor import SendGovernor
@@ -155,6 +155,16 @@ def test_a_missing_table_is_aws_unavailable_and_named(dynamodb):
 def test_a_malformed_request_is_a_bug_not_an_outage(table):
     with pytest.raises(ParamValidationError):
         table.put({"pk": {"S": "pk-1"}, "n": {"N": 5}})
+
+
+def test_a_request_dynamodb_refuses_as_invalid_is_a_bug_not_an_outage(table):
+    oversized = {"pk": {"S": "pk-1"}, "blob": {"S": "x" * 410_000}}  # over the 400 KB item limit
+
+    with pytest.raises(ClientError) as refused:
+        table.put(oversized)
+
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert table.get("pk-1") is None
 
 
 # ---------------------------------------------------------------- the operations

@@ -9,8 +9,10 @@ and the error handling once:
 - a botocore error (``ClientError``: throttling, a missing table, access denied;
   ``BotoCoreError``: no connection, timeouts, missing credentials) becomes ``aws_unavailable``,
   which is retried with back-off;
-- anything else is a bug and is left to propagate (so is botocore's ``ParamValidationError``,
-  a request the code built wrong, refused before it was sent): the caller fails loudly as
+- anything else is a bug and is left to propagate (so are botocore's ``ParamValidationError``,
+  a request the code built wrong, refused before it was sent, and DynamoDB's
+  ``ValidationException``, one refused after it was sent, such as an item over 400 KB, which no
+  retry would change): the caller fails loudly as
   ``internal_error`` with its traceback logged, instead of retrying a bug for a day as if AWS
   were down.
 
@@ -36,6 +38,7 @@ from mailbroker.errors import AwsUnavailable, aws_error_code, aws_failure
 AWS_ERRORS: tuple[type[Exception], ...] = (ClientError, BotoCoreError)
 CONDITION_FAILED = "ConditionalCheckFailedException"
 TABLE_MISSING = "ResourceNotFoundException"
+REQUEST_INVALID = "ValidationException"
 
 Item = dict[str, Any]
 
@@ -195,6 +198,8 @@ class Table:
                 raise _ConditionFailed(exc.response.get("Item") or None) from None
             if code == TABLE_MISSING:
                 raise AwsUnavailable(f"DynamoDB table {self.name!r} does not exist") from exc
+            if code == REQUEST_INVALID:
+                raise  # DynamoDB refused what the code asked (an item over 400 KB): a bug
             raise aws_failure(exc, f"DynamoDB {operation}{self._purpose}") from exc
         except ParamValidationError:
             raise  # a request the code built wrong, refused before it was sent: a bug
