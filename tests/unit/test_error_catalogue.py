@@ -115,3 +115,15 @@ def test_no_api_route_or_handler_builds_an_error_body_by_hand() -> None:
     }
 
     assert found == set()
+
+
+def test_a_bug_is_answered_as_a_server_error_that_says_not_to_retry() -> None:
+    # The sender dead-letters a message that meets a bug instead of retrying it; a caller of the
+    # API or of a direct invoke reads the same verdict in ``retryable``.
+    error = errors.classify_exception(TypeError("unsupported operand type(s) for +: 'int' and 'str'"))
+
+    response = error_response(error)
+
+    assert (error.code, error.retryable, response.status_code) == ("internal_error", False, 500)
+    assert "TypeError" in error.message and "int" not in error.message
+    assert "dlq redrive" in error.hint

@@ -369,9 +369,11 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
     ),
     ErrorKind(
         "internal_error",
-        True,
-        503,
-        "An unexpected error; it was logged with its stack trace (without credentials).",
+        False,
+        500,
+        "An unexpected error (a bug), logged with its stack trace, without credentials. A message "
+        "that meets one fails at once, dead-lettered rather than retried for a day: once the cause "
+        "is fixed, `mailbroker dlq redrive --id ID`.",
     ),
 )
 
