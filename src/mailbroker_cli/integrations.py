@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,6 +56,7 @@ FIELD_FLAGS = {
     "transport": "--transport",
     "graph_endpoint": "--graph-endpoint",
     "gmail_endpoint": "--gmail-endpoint",
+    "allowed_callers": "--allowed-caller",
 }
 
 
@@ -108,6 +110,14 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     add.add_argument("--subject", help="the mailbox a service account impersonates")
     add.add_argument("--password", metavar="-", help="'-' reads the password from stdin")
     add.add_argument("--password-file", metavar="FILE", help="read the password from FILE")
+    add.add_argument(
+        "--allowed-caller",
+        action="append",
+        metavar="ROLE_ARN|ID|ACCOUNT",
+        help="an IAM principal that may send through and take tokens of this integration "
+        "(repeatable); a role ARN is looked up (IAM GetRole) and its unique id added, which is how "
+        "the queue knows a sender",
+    )
     add.add_argument("--replace", action="store_true", help="overwrite an existing integration")
     add.set_defaults(handler=add_integration)
 
@@ -129,6 +139,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def add_integration(args: argparse.Namespace, ctx: Context, out: Output) -> int:
     data = build_document(args)
+    if args.allowed_caller:
+        data["allowed_callers"] = resolve_callers(args.allowed_caller, ctx.client("iam"))
     try:
         integration = parse_integration(data)
     except InvalidIntegration as exc:
@@ -230,6 +242,30 @@ def _add_secrets(
     for name in REQUIRED_SECRETS.get(provider, ()):
         if not data.get(name) and sys.stdin.isatty():
             data[name] = getpass.getpass(f"{SECRET_FLAGS[name]} for {data['id']}: ")
+
+
+_ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/(?:[\w+=,.@-]+/)*([\w+=,.@-]+)")
+
+
+def resolve_callers(entries: list[str], iam: Any) -> list[str]:
+    """The entries, each role ARN followed by its role's unique id (``AROA…``): SQS names a
+    message's sender by that id only. Ids and account ids are kept as given."""
+    resolved: list[str] = []
+    for entry in entries:
+        resolved.append(entry)
+        match = _ROLE_ARN.fullmatch(entry)
+        if not match:
+            continue
+        try:
+            role = iam.get_role(RoleName=match.group(1))["Role"]
+        except iam.exceptions.NoSuchEntityException:
+            raise CliError(
+                f"no IAM role {match.group(1)!r} in this account", hint="Check the role ARN."
+            ) from None
+        if role["Arn"] != entry:
+            raise CliError(f"the role {match.group(1)!r} has the ARN {role['Arn']}, not {entry}")
+        resolved.append(role["RoleId"])
+    return list(dict.fromkeys(resolved))
 
 
 def secret_from_flags(args: argparse.Namespace, name: str, stdin: Any = None) -> str | None:

@@ -61,6 +61,9 @@ class Demo:
     transport: str = "smtp"
 
 
+SANDBOX_CALLER = "arn:aws:iam::123456789012:user/sandbox"  # who the local HTTP API says calls
+
+
 class Sandbox:
     """Servers, stack and function environments. Use as a context manager."""
 
@@ -76,7 +79,9 @@ class Sandbox:
         self.root = repo_root()
         self.template_path = Path(template) if template else self.root / "template.yaml"
         self.token_lifetime = token_lifetime
-        self.parameters = dict(parameters or {})
+        # The local HTTP API signs every request as SANDBOX_CALLER: the stack names it on the
+        # token route (closed to everyone else by default), as an operator would name theirs.
+        self.parameters = {"TokenApiPrincipals": SANDBOX_CALLER, **dict(parameters or {})}
         self.stack_name = stack_name
         self.log = log
         # Created by start(), removed by stop(): the CA's keys and, for ``serve``, the function log.
@@ -613,7 +618,7 @@ def api_gateway_event(
             "iam": {
                 "accountId": "123456789012",
                 "callerId": "sandbox",
-                "userArn": "arn:aws:iam::123456789012:user/sandbox",
+                "userArn": SANDBOX_CALLER,
                 "userId": "sandbox",
             }
         },

@@ -17,12 +17,17 @@ TOKEN_ROUTE = "POST /v1/integrations/{id}/token"
 CLIENT_SECRET = "planted-client-secret-7f3a"
 
 
+SAMPLE_CALLER_ROLE = "arn:aws:iam::123456789012:role/app-role"  # events/http_*.json
+
+
 @pytest.fixture
 def broker_env(stack, aws_env, token_server, ca_trust_env, monkeypatch):
     """The token broker function's environment from the template, pointed at the sandbox."""
     for name, value in stack.function_env("TokenBrokerFunction").items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("TOKEN_HTTP_TIMEOUT_SECONDS", "2")
+    # The token route is closed by default: the sample events' caller is named here.
+    monkeypatch.setenv("TOKEN_API_PRINCIPALS", SAMPLE_CALLER_ROLE)
     runtime.reset()
     yield stack.function_env("TokenBrokerFunction")
     runtime.reset()

@@ -202,6 +202,8 @@ class Scene:
             self.monkeypatch.setenv(name, value)
         self.monkeypatch.setenv("POWERTOOLS_LOG_LEVEL", "DEBUG")
         self.monkeypatch.setenv("TOKEN_HTTP_TIMEOUT_SECONDS", "1")
+        # The sample events' caller may use the (closed by default) token route.
+        self.monkeypatch.setenv("TOKEN_API_PRINCIPALS", "arn:aws:iam::123456789012:role/app-role")
         runtime.reset()
         powertools_from_env({**env, "POWERTOOLS_LOG_LEVEL": "DEBUG"})
         return env

@@ -357,8 +357,10 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "caller_not_allowed",
         False,
         403,
-        "This IAM principal may not fetch tokens over HTTP: add its role ARN to the stack's "
-        "TokenApiPrincipals parameter, or call through a principal that is listed.",
+        "This IAM principal may not use this integration. List it in the integration's "
+        "allowed_callers ('mailbroker integration add --allowed-caller ROLE_ARN --replace' adds the "
+        "role's ARN for the API and its unique id, which SQS reports as SenderId, for the queue), "
+        "or, for every integration's tokens, in the stack's TokenApiPrincipals parameter.",
     ),
     ErrorKind(
         "aws_unavailable",

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from mailbroker.callers import entry_problem
 from mailbroker.errors import InvalidIntegration, UnknownIntegration, remember_secret
 
 DEFAULT_MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
@@ -219,6 +220,19 @@ class _IntegrationBase(_Model):
     smtp_check: bool = False  # the keeper runs the live SMTP check for this integration
     # The default of its messages' ``tracking``.
     tracking: Tracking = Field(default_factory=Tracking)
+    # IAM principals that may send through, or take tokens of, this integration (callers.py);
+    # empty: any principal the queue's and the API's IAM let in may send, and tokens only go to
+    # the stack's TokenApiPrincipals.
+    allowed_callers: list[str] = Field(default_factory=list, max_length=100)
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers(cls, entries: list[str]) -> list[str]:
+        for index, entry in enumerate(entries):
+            problem = entry_problem(entry)
+            if problem:
+                raise ValueError(f"allowed_callers[{index}] {problem}")
+        return entries
 
     # Vetted like the token URLs; a field validator so a problem names the field.
     _v_graph_endpoint = field_validator("graph_endpoint")(

@@ -137,8 +137,9 @@ class AlertsEnv(EnvModel):
 class TokenApiEnv(EnvModel):
     """Who may fetch tokens over HTTP."""
 
-    # IAM principals (role or user ARNs, comma-separated) allowed to call the token route over
-    # HTTP; empty: any IAM-authenticated caller the API's IAM authorisation lets through.
+    # IAM principals (role or user ARNs, unique ids or account ids, comma-separated) allowed to
+    # take every integration's token over HTTP. Anyone else needs to be in the integration's own
+    # allowed_callers; empty: nobody but those.
     token_api_principals: str = Field(default="", alias="TOKEN_API_PRINCIPALS")
 
     @property
@@ -168,6 +169,14 @@ class EventBusEnv(EnvModel):
     event_bus_name: Name = Field(default="default", alias="EVENT_BUS_NAME")
 
 
+class ApiSenderEnv(EnvModel):
+    """The sender's trust in messages the HTTP API queued."""
+
+    # The token broker's role id: POST /v1/messages checked the caller against the integration's
+    # allowed_callers before queuing, so a message whose SenderId is this role passes.
+    api_sender_role_id: str = Field(default="", alias="API_SENDER_ROLE_ID")
+
+
 # --- one model per function ---------------------------------------------------------------------
 
 
@@ -176,7 +185,7 @@ class TokenBrokerSettings(SecretsEnv, TokenCacheEnv, MessageTableEnv, SendQueueE
 
 
 class SenderSettings(
-    SecretsEnv, TokenCacheEnv, MessageTableEnv, SendQueueEnv, DeadLetterEnv, TrackingLinksEnv
+    SecretsEnv, TokenCacheEnv, MessageTableEnv, SendQueueEnv, DeadLetterEnv, TrackingLinksEnv, ApiSenderEnv
 ):
     """The sender: SQS batches in, SMTP out, status records and the dead-letter queue."""
 

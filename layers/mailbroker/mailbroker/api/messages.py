@@ -9,6 +9,7 @@ from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
 from mailbroker import runtime
+from mailbroker.callers import Caller
 from mailbroker.errors import InvalidMessage, NotFound
 from mailbroker.messages.status import MessageStatusStore
 from mailbroker.settings import TokenBrokerSettings, get_settings
@@ -30,7 +31,7 @@ def post_message() -> Response[dict[str, Any]]:
             "the request has no body", details=[{"field": "(root)", "problem": "a message JSON is required"}]
         )
     queue = runtime.message_queue(get_settings(TokenBrokerSettings), _statuses(), runtime.integration_store())
-    answer = queue.enqueue(body)
+    answer = queue.enqueue(body, caller=Caller.from_api_event(router.current_event.raw_event))
     return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=answer)
 
 

@@ -58,4 +58,5 @@ def build_delivery(settings: SenderSettings, context: Any = None) -> Delivery:
         lease_seconds=lease,
         tracker=runtime.link_tracker(settings),
         idle_sessions=runtime.idle_sessions(settings.smtp_idle_seconds),
+        api_sender_id=settings.api_sender_role_id,
     )

@@ -43,12 +43,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from mailbroker.callers import Caller
 from mailbroker.errors import InvalidMessage, MailbrokerError, SmtpFailure
 from mailbroker.governor import GovernorDelay, RateGrant
 from mailbroker.integrations import context_of
 from mailbroker.messages.mime import build_mime, envelope
 from mailbroker.messages.models import OutgoingMessage, check_allowed, parse_message, with_sender_defaults
-from mailbroker.messages.queue import QueueActions
+from mailbroker.messages.queue import QueueActions, check_caller
 from mailbroker.messages.received import (
     SLOWS_DOWN,
     Attempt,
@@ -117,8 +118,11 @@ class Delivery:
         inline_wait_budget: float = DEFAULT_INLINE_WAIT_BUDGET,
         tracker: LinkTracker | None = None,
         idle_sessions: IdleSessions | None = None,
+        api_sender_id: str = "",
     ) -> None:
         self.statuses = statuses
+        # The HTTP API's role id: it checked the caller of every message it queued.
+        self._api_sender_id = api_sender_id
         self.queue = queue
         self.integrations = integrations
         self.governor = governor
@@ -247,6 +251,7 @@ class Delivery:
 
         integration = self.integrations.get(message.integration)
         attempt.context = context_of(integration)
+        self._check_sender(item, integration)
         message = with_sender_defaults(message, integration)
         message = check_allowed(message, integration)  # ``from`` as the integration spells it
         self._check_time_left(integration)
@@ -364,6 +369,14 @@ class Delivery:
                 return False
             raise Deferred(1, "the status record changed while claiming it") from None
         return True
+
+    def _check_sender(self, item: QueuedRecord, integration: Integration) -> None:
+        """The body names the integration; only SQS's ``SenderId`` says who sent the message. An
+        integration with ``allowed_callers`` takes messages from those principals only (and from
+        the HTTP API, which checked the caller before queuing)."""
+        sent_by_api = bool(self._api_sender_id) and item.sender_id.split(":", 1)[0] == self._api_sender_id
+        if not sent_by_api:
+            check_caller(Caller.from_sender_id(item.sender_id), integration)
 
     def _already_handled(self, item: QueuedRecord, attempt: Attempt) -> bool:
         """True for a duplicate; raises when the record says to wait or to stop."""

@@ -14,16 +14,28 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from mailbroker.errors import AwsUnavailable, InvalidMessage, aws_error_code
+from mailbroker.callers import Caller
+from mailbroker.errors import AwsUnavailable, InvalidMessage, MailbrokerError, aws_error_code
 from mailbroker.messages.models import check_allowed, parse_message, with_sender_defaults
 from mailbroker.messages.status import IN_FLIGHT, MessageStatusStore, StatusConflict, error_record
 from mailbroker.observability import logger
 
 if TYPE_CHECKING:
+    from mailbroker.integrations import Integration
     from mailbroker.seams import IntegrationSource
 
 # SQS's limit for one message body.
 MAX_QUEUE_BODY_BYTES = 256 * 1024
+
+
+def check_caller(caller: Caller, integration: Integration) -> None:
+    """Raise ``caller_not_allowed`` when the integration lists ``allowed_callers`` and ``caller``
+    is not among them (an integration without the list takes any caller IAM lets in)."""
+    if integration.allowed_callers and not caller.named_in(integration.allowed_callers):
+        raise MailbrokerError(
+            f"{caller.describe()} may not send through integration {integration.id!r}",
+            code="caller_not_allowed",
+        )
 
 
 class MessageQueue:
@@ -42,11 +54,16 @@ class MessageQueue:
         self._integrations = integrations
         self._clock = clock
 
-    def enqueue(self, raw: str | bytes | Mapping[str, Any]) -> dict[str, str]:
+    def enqueue(
+        self, raw: str | bytes | Mapping[str, Any], *, caller: Caller | None = None
+    ) -> dict[str, str]:
         """Validate and queue one message; answers ``{"id", "status"}``. Raises ``InvalidMessage``
-        (every problem in ``details``), ``UnknownIntegration`` or ``SenderNotAllowed``."""
+        (every problem in ``details``), ``UnknownIntegration``, ``SenderNotAllowed`` or, when the
+        integration lists ``allowed_callers`` and ``caller`` is not among them, ``caller_not_allowed``."""
         message = parse_message(raw)
         integration = self._integrations.get(message.integration)
+        if caller is not None:
+            check_caller(caller, integration)
         check_allowed(with_sender_defaults(message, integration), integration)
         message_id = message.id or uuid.uuid4().hex
         body = _queue_body(raw, message_id, has_id=message.id is not None)

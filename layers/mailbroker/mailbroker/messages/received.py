@@ -80,6 +80,7 @@ class QueuedRecord:
     receive_count: int
     sent_at: float  # seconds since the epoch
     attributes: dict[str, str]
+    sender_id: str = ""  # SQS's SenderId: who sent it (AROA…:session for a role), set by SQS
 
     @classmethod
     def from_sqs(cls, record: SQSRecord | dict[str, Any]) -> QueuedRecord:
@@ -98,6 +99,7 @@ class QueuedRecord:
             receive_count=int(attributes.get("ApproximateReceiveCount", "1")),
             sent_at=int(attributes.get("SentTimestamp", "0")) / 1000.0,
             attributes=message_attributes,
+            sender_id=str(attributes.get("SenderId") or ""),
         )
 
     @property
