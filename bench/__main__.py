@@ -29,6 +29,7 @@ FIGURES = (
     "throughput",
     "latency",
     "cache_hit",
+    "mime_build",
 )
 
 
