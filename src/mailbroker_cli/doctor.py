@@ -126,6 +126,8 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
         f"(secret {ctx.integrations.secret_name(integration_id)})",
     )
     yield from expiry_steps(integration, time.time())
+    if getattr(integration, "client_certificate", None) is not None:
+        yield certificate_step(integration.client_certificate)
     token: str | None = None
     if isinstance(integration, BasicIntegration):
         yield Step("token", True, "basic authentication (AUTH PLAIN/LOGIN): no token needed")
@@ -243,6 +245,30 @@ def _with_timeout(request: Any, timeout: float) -> Any:
         return request(method, url, *args, **kwargs)
 
     return bounded
+
+
+def certificate_step(certificate: Any, now: float | None = None) -> Step:
+    """Key and certificate belong together, and how long the certificate has left."""
+    from mailbroker.tokens.credentials import (
+        CERTIFICATE_WARNING_DAYS,
+        certificate_facts,
+        load_certificate_pair,
+    )
+
+    try:
+        load_certificate_pair(certificate.private_key.get_secret_value(), certificate.certificate)
+    except MailbrokerError as exc:
+        return Step("cert", False, exc.message, exc.code, exc.hint)
+    facts = certificate_facts(certificate.certificate)
+    days = facts.days_left(time.time() if now is None else now)
+    named = f"thumbprint {facts.thumbprint_sha1}, key matches"
+    if days <= 0:
+        error = MailbrokerError(f"expired on {facts.not_after_iso}", code="token_certificate_expired")
+        return Step("cert", False, f"{named}; {error.message}", error.code, error.hint)
+    left = f"{named}; valid until {facts.not_after_iso} ({int(days)} days left)"
+    if days <= CERTIFICATE_WARNING_DAYS:
+        return Step("cert", True, f"{left} - renew it soon: mailbroker cert create ID")
+    return Step("cert", True, left)
 
 
 def claim_steps(integration: Any, token: str, granted: list[str] | None) -> Iterator[Step]:

@@ -2,6 +2,8 @@
 
     mailbroker integration add|list|show|remove   register and inspect integrations
     mailbroker consent google ID                  obtain a Gmail refresh token (loopback flow)
+    mailbroker consent microsoft ID               a user's delegated consent (device code or browser)
+    mailbroker cert create ID                     key + self-signed certificate for an Entra app
     mailbroker setup microsoft ID                 admin consent URL + Exchange Online PowerShell
     mailbroker doctor ID                          diagnose an integration step by step
     mailbroker send | status ID | dlq list|redrive   messages
@@ -27,7 +29,7 @@ from mailbroker_cli.output import Output
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mailbroker_cli import consent, doctor, integrations, messages, setup
+    from mailbroker_cli import certificates, consent, doctor, integrations, messages, setup
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     integrations.register(commands, common)
     consent.register(commands, common)
+    certificates.register(commands, common)
     setup.register(commands, common)
     doctor.register(commands, common)
     messages.register(commands, common)

@@ -1028,6 +1028,12 @@ def _token_refusal(claims: dict[str, Any] | None, mailbox: _Mailbox) -> str | No
         audiences = set(audience) if isinstance(audience, list) else {audience}
         if not audiences & OUTLOOK_AUDIENCES:
             return "token not issued for Exchange Online"
+    elif provider == "microsoft_delegated":
+        scopes = {s.rsplit("/", 1)[-1] for s in str(claims.get("scope") or "").split()}
+        if "SMTP.Send" not in scopes:
+            return "token lacks the SMTP.Send delegated permission"
+        if claims.get("aud") not in OUTLOOK_AUDIENCES:
+            return "token not issued for Exchange Online"
     elif provider.startswith("google") and GOOGLE_MAIL_SCOPE not in str(claims.get("scope") or "").split():
         return f"token lacks the {GOOGLE_MAIL_SCOPE} scope"
     return None

@@ -44,12 +44,20 @@ from jwt.algorithms import RSAAlgorithm
 from mailbroker.integrations import DEFAULT_GOOGLE_TOKEN_URI, GOOGLE_MAIL_SCOPE, is_loopback_host
 
 from mailbroker_sandbox.ca import SandboxCA
+from mailbroker_sandbox.client_assertions import (
+    ASSERTION_TYPE,
+    AssertionRefused,
+    RegisteredCertificate,
+    SeenAssertions,
+    verify_client_assertion,
+)
 from mailbroker_sandbox.https import LoopbackHTTPSServer
 
 _log = logging.getLogger(__name__)
 
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRAPH_RESOURCE = "https://graph.microsoft.com"
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 FAULT_KINDS = frozenset({"500", "429", "timeout", "invalid_grant", "invalid_client"})
 SANDBOX_PROJECT = "mailbroker-sandbox"
 DEFAULT_CONSENT_USER = "sandbox.user@example.com"
@@ -63,6 +71,10 @@ _TENANT_NAME = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
     r"|(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}"
 )
+_MS_DEVICE_CODE = re.compile(r"/(?P<tenant>[^/]+)/oauth2/v2\.0/devicecode")
+_MS_AUTHORIZE = re.compile(r"/(?P<tenant>[^/]+)/oauth2/v2\.0/authorize")
+_OIDC_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
+_DEVICE_CODE_LIFETIME = 900.0
 _PKCE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 
 _MAX_BODY = 64 * 1024
@@ -79,13 +91,33 @@ _CLOCK_SKEW = 30
 class _MicrosoftApp:
     tenant_id: str
     client_id: str
-    client_secret: str = field(repr=False)
+    client_secret: str | None = field(repr=False)
     roles: tuple[str, ...]
     audience: str
     object_id: str  # the Enterprise application's (service principal's) Object ID: the token's oid
     secret_expires_at: float | None = None
     application_object_id: str = ""  # the App registration's Object ID, a different GUID
     graph_roles: tuple[str, ...] = ("Mail.Send",)  # Microsoft Graph application permissions granted
+    certificates: tuple[RegisteredCertificate, ...] = ()
+    public_client: bool = False  # "Allow public client flows": delegated grants without a credential
+
+
+@dataclass
+class _MsRefreshGrant:
+    tenant_id: str
+    client_id: str
+    user: str
+    scope: str
+
+
+@dataclass
+class _DeviceCode:
+    tenant_id: str
+    client_id: str
+    scope: str
+    user_code: str
+    expires_at: float
+    polls: int = 0
 
 
 @dataclass
@@ -346,6 +378,13 @@ class TokenServer:
         self._service_accounts: dict[str, _ServiceAccount] = {}
         self._oauth2_clients: dict[str, _OAuth2Client] = {}
         self._auth_codes: dict[str, _AuthCode] = {}
+        self._ms_auth_codes: dict[str, _AuthCode] = {}
+        self._ms_device_codes: dict[str, _DeviceCode] = {}
+        self._ms_refresh_grants: dict[str, _MsRefreshGrant] = {}
+        self._ms_redeemed: set[str] = set()  # refresh tokens already exchanged (digests)
+        self._ms_expired: set[str] = set()
+        self._seen_assertions = SeenAssertions()
+        self.refresh_token_reuse = 0  # redeemed refresh tokens presented again
         self._tokens: dict[str, _Issued] = {}
         self._issue_log: list[tuple[str, str, str | None]] = []
         self._request_count = 0
@@ -427,17 +466,22 @@ class TokenServer:
         self,
         tenant_id: str,
         client_id: str,
-        client_secret: str,
+        client_secret: str | None = None,
         *,
         roles: Iterable[str] = ("SMTP.SendAsApp",),
         audience: str = "https://outlook.office.com",
         secret_expires_at: float | None = None,
         graph_roles: Iterable[str] = ("Mail.Send",),
+        certificates: Iterable[str] = (),
+        public_client: bool = False,
     ) -> None:
         """Register (or re-register with a new secret) an app in a tenant. ``secret_expires_at``
         (epoch seconds) makes the secret answer AADSTS7000222 once past. ``roles`` are the
         permissions its tokens for ``audience`` carry; ``graph_roles`` those of its tokens for
-        Microsoft Graph (``https://graph.microsoft.com/.default``)."""
+        Microsoft Graph (``https://graph.microsoft.com/.default``). ``certificates``: PEM
+        certificates uploaded to the app, which verify its client assertions. ``public_client``
+        lets delegated grants (refresh token, device code, authorisation code) go without a
+        credential."""
         with self._lock:
             previous = self._ms_apps.get((tenant_id.lower(), client_id))
             self._ms_tenants.setdefault(tenant_id.lower(), tenant_id)
@@ -451,6 +495,8 @@ class TokenServer:
                 secret_expires_at=secret_expires_at,
                 application_object_id=previous.application_object_id if previous else str(uuid.uuid4()),
                 graph_roles=tuple(graph_roles),
+                certificates=tuple(RegisteredCertificate.from_pem(pem) for pem in certificates),
+                public_client=public_client,
             )
 
     def microsoft_object_ids(self, tenant_id: str, client_id: str) -> tuple[str, str]:
@@ -459,6 +505,40 @@ class TokenServer:
         with self._lock:
             app = self._ms_apps[(tenant_id.lower(), client_id)]
         return app.application_object_id, app.object_id
+
+    def add_microsoft_certificate(self, tenant_id: str, client_id: str, certificate_pem: str) -> None:
+        """Upload one more certificate to a registered app (Certificates & secrets > Upload)."""
+        with self._lock:
+            app = self._ms_apps[(tenant_id.lower(), client_id)]
+            app.certificates = (*app.certificates, RegisteredCertificate.from_pem(certificate_pem))
+
+    def issue_microsoft_refresh_token(
+        self,
+        tenant_id: str,
+        client_id: str,
+        user: str,
+        *,
+        scope: str = "https://outlook.office.com/SMTP.Send",
+    ) -> str:
+        """A delegated refresh token, as if ``user`` had consented to ``scope`` for the app."""
+        with self._lock:
+            app = self._ms_apps.get((tenant_id.lower(), client_id))
+            if app is None:
+                raise ValueError(f"no Microsoft app {client_id!r} in tenant {tenant_id!r}")
+            return self._new_ms_refresh_token(app, user, scope)
+
+    def expire_microsoft_refresh_tokens(self, client_id: str) -> int:
+        """Expire every live delegated refresh token of ``client_id`` (90 days idle: AADSTS700082)."""
+        with self._lock:
+            gone = [d for d, g in self._ms_refresh_grants.items() if g.client_id == client_id]
+            for digest in gone:
+                del self._ms_refresh_grants[digest]
+                self._ms_expired.add(digest)
+            return len(gone)
+
+    def live_microsoft_refresh_tokens(self, client_id: str) -> int:
+        with self._lock:
+            return sum(1 for g in self._ms_refresh_grants.values() if g.client_id == client_id)
 
     def register_google_client(
         self, client_id: str, client_secret: str, *, redirect_uris: Iterable[str] = (), testing: bool = False
@@ -653,9 +733,13 @@ class TokenServer:
                 return self._google_authorize(req)
             if req.path == "/tokeninfo":
                 return self._google_tokeninfo(req)
+            if match := _MS_AUTHORIZE.fullmatch(req.path):
+                return self._ms_authorize(req, match["tenant"])
         elif req.method == "POST":
             if match := _MS_TOKEN.fullmatch(req.path):
                 return self._token_request(req, "microsoft", match["tenant"])
+            if match := _MS_DEVICE_CODE.fullmatch(req.path):
+                return self._ms_device_code_request(req, match["tenant"])
             if req.path == "/token":
                 return self._token_request(req, "google", None)
             if req.path == "/oauth2/token":
@@ -898,7 +982,13 @@ class TokenServer:
                 "The request body must contain the following parameter: 'grant_type'.",
                 req,
             )
-        if grant_type != "client_credentials":
+        grants = {
+            "client_credentials": self._ms_client_credentials,
+            "refresh_token": self._ms_refresh,
+            "authorization_code": self._ms_code_exchange,
+            DEVICE_CODE_GRANT: self._ms_device_code_grant,
+        }
+        if grant_type not in grants:
             return self._ms_error(
                 400,
                 "unsupported_grant_type",
@@ -918,20 +1008,76 @@ class TokenServer:
                 "The request body must contain the following parameter: 'client_id'.",
                 req,
             )
-        with self._lock:
-            app = self._ms_apps.get((tenant_id.lower(), auth.client_id))
+        app = self._ms_app(tenant_id, auth.client_id)
         if app is None:
-            return self._ms_error(
-                400,
-                "invalid_client",
-                700016,
-                f"Application with identifier '{auth.client_id}' was not found in the directory '{tenant}'. "
-                "This can happen if the application has not been installed by the administrator of the "
-                "tenant or consented to by any user in the tenant. You may have sent your authentication "
-                "request to the wrong tenant.",
-                req,
-            )
-        scope = (form.get("scope") or "").strip()
+            return self._ms_unknown_app(auth.client_id, tenant, req)
+        return grants[grant_type](req, app, auth)
+
+    def _ms_app(self, tenant_id: str, client_id: str) -> _MicrosoftApp | None:
+        with self._lock:
+            return self._ms_apps.get((tenant_id.lower(), client_id))
+
+    def _ms_unknown_app(self, client_id: str, tenant: str, req: _Request) -> _Reply:
+        return self._ms_error(
+            400,
+            "invalid_client",
+            700016,
+            f"Application with identifier '{client_id}' was not found in the directory '{tenant}'. "
+            "This can happen if the application has not been installed by the administrator of the "
+            "tenant or consented to by any user in the tenant. You may have sent your authentication "
+            "request to the wrong tenant.",
+            req,
+        )
+
+    def _ms_authenticate(
+        self, req: _Request, app: _MicrosoftApp, auth: _ClientAuth, *, public: bool
+    ) -> _Reply | None:
+        """None when the client proved itself (secret or certificate assertion), or may go without
+        (a public client on a delegated grant); otherwise Entra's refusal."""
+        assertion = req.form.get("client_assertion")
+        if assertion:
+            if req.form.get("client_assertion_type") != ASSERTION_TYPE or auth.client_secret:
+                return self._ms_error(
+                    400, "invalid_request", 900144, "Unsupported or mixed client authentication.", req
+                )
+            try:
+                verify_client_assertion(
+                    assertion,
+                    client_id=app.client_id,
+                    token_url=f"{self.base_url}{req.path}",
+                    certificates=app.certificates,
+                    seen=self._seen_assertions,
+                )
+            except AssertionRefused as refused:
+                _log.debug("refused client %s: assertion (AADSTS%s)", app.client_id, refused.code)
+                return self._ms_error(401, "invalid_client", refused.code, refused.text, req)
+            return None
+        if auth.client_secret:
+            if app.client_secret is None or not _same_secret(auth.client_secret, app.client_secret):
+                _log.debug("refused client %s in tenant %s: wrong secret", app.client_id, app.tenant_id)
+                return self._ms_invalid_secret(app.client_id, req)
+            if app.secret_expires_at is not None and time.time() >= app.secret_expires_at:
+                return self._ms_error(
+                    401,
+                    "invalid_client",
+                    7000222,
+                    f"The provided client secret keys for app '{app.client_id}' are expired. "
+                    "Visit the Azure portal to create new keys for your app.",
+                    req,
+                )
+            return None
+        if public and app.public_client:
+            return None
+        return self._ms_error(
+            401,
+            "invalid_client",
+            7000218,
+            "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+            req,
+        )
+
+    def _ms_client_credentials(self, req: _Request, app: _MicrosoftApp, auth: _ClientAuth) -> _Reply:
+        scope = (req.form.get("scope") or "").strip()
         if not scope:
             return self._ms_error(
                 400,
@@ -950,29 +1096,11 @@ class TokenServer:
                 "The client credentials flow requires a single scope ending in /.default.",
                 req,
             )
-        if not auth.client_secret:
-            return self._ms_error(
-                401,
-                "invalid_client",
-                7000218,
-                "The request body must contain the following parameter: "
-                "'client_assertion' or 'client_secret'.",
-                req,
-            )
-        if not _same_secret(auth.client_secret, app.client_secret):
-            _log.debug("refused client %s in tenant %s: wrong secret", app.client_id, tenant_id)
-            return self._ms_invalid_secret(app.client_id, req)
-        if app.secret_expires_at is not None and time.time() >= app.secret_expires_at:
-            return self._ms_error(
-                401,
-                "invalid_client",
-                7000222,
-                f"The provided client secret keys for app '{app.client_id}' are expired. "
-                "Visit the Azure portal to create new keys for your app.",
-                req,
-            )
+        refusal = self._ms_authenticate(req, app, auth, public=False)
+        if refusal is not None:
+            return refusal
         now, expires_at, lifetime = self._expiry()
-        issuer = self._ms_issuer(tenant_id)
+        issuer = self._ms_issuer(app.tenant_id)
         audience, roles = app.audience, app.roles
         if scope.lower().startswith(GRAPH_RESOURCE):
             audience, roles = GRAPH_RESOURCE, app.graph_roles
@@ -985,13 +1113,13 @@ class TokenServer:
             "aio": secrets.token_urlsafe(24),
             "app_displayname": f"sandbox app {app.client_id}",
             "appid": app.client_id,
-            "appidacr": "1",
+            "appidacr": "2" if req.form.get("client_assertion") else "1",
             "idp": issuer,
             "idtyp": "app",
             "oid": app.object_id,
             "roles": list(roles),
             "sub": app.object_id,
-            "tid": tenant_id,
+            "tid": app.tenant_id,
             "uti": secrets.token_urlsafe(16),
             "ver": "1.0",
         }
@@ -1010,9 +1138,12 @@ class TokenServer:
                 audience=audience,
                 roles=roles,
                 object_id=app.object_id,
-                tenant_id=tenant_id,
+                tenant_id=app.tenant_id,
             ),
         )
+        return self._ms_token_reply(req, {"access_token": token}, lifetime)
+
+    def _ms_token_reply(self, req: _Request, body: dict[str, Any], lifetime: float) -> _Reply:
         headers = (
             {"client-request-id": req.headers["client-request-id"]}
             if req.headers.get("client-request-id")
@@ -1024,10 +1155,247 @@ class TokenServer:
                 "token_type": "Bearer",
                 "expires_in": _number(lifetime),
                 "ext_expires_in": _number(lifetime),
-                "access_token": token,
+                **body,
             },
             headers=headers,
         )
+
+    # Microsoft delegated: refresh tokens that rotate, device code and authorisation code with PKCE
+
+    def _ms_refresh(self, req: _Request, app: _MicrosoftApp, auth: _ClientAuth) -> _Reply:
+        refusal = self._ms_authenticate(req, app, auth, public=True)
+        if refusal is not None:
+            return refusal
+        refresh_token = req.form.get("refresh_token") or ""
+        digest = _digest(refresh_token)
+        with self._lock:
+            grant = self._ms_refresh_grants.pop(digest, None)
+            reused = grant is None and digest in self._ms_redeemed
+            expired = grant is None and digest in self._ms_expired
+            if grant is not None:
+                self._ms_redeemed.add(digest)
+            if reused:
+                self.refresh_token_reuse += 1
+        if grant is None or grant.client_id != app.client_id:
+            if reused:
+                text = (
+                    "The provided refresh token was already redeemed. (Only the sandbox refuses a "
+                    "redeemed refresh token, so that a lost rotation shows.)"
+                )
+                return self._ms_error(400, "invalid_grant", 70000, text, req)
+            if expired:
+                text = (
+                    "The refresh token has expired due to inactivity. The token was issued on "
+                    f"{dt.date.today().isoformat()} and was inactive for 90.00:00:00."
+                )
+                return self._ms_error(400, "invalid_grant", 700082, text, req)
+            return self._ms_error(
+                400, "invalid_grant", 9002313, "Invalid request. Request is malformed or invalid.", req
+            )
+        scope = self._ms_delegated_scope(req.form.get("scope") or "", grant.scope)
+        if scope is None:
+            with self._lock:  # a refused request redeems nothing
+                self._ms_refresh_grants[digest] = grant
+                self._ms_redeemed.discard(digest)
+            return self._ms_error(
+                400,
+                "invalid_scope",
+                65001,
+                f"The user or administrator has not consented to use the application with ID "
+                f"'{app.client_id}' for the requested scope.",
+                req,
+            )
+        return self._ms_delegated_tokens(req, app, grant.user, scope, grant.scope)
+
+    @staticmethod
+    def _ms_delegated_scope(requested: str, granted: str) -> str | None:
+        """The resource scopes of ``requested`` if the user granted all of them (OIDC scopes aside)."""
+        wanted = [s for s in requested.split() if s not in _OIDC_SCOPES]
+        have = set(granted.split())
+        if not wanted:
+            wanted = [s for s in granted.split() if s not in _OIDC_SCOPES]
+        if not set(wanted) <= have:
+            return None
+        return " ".join(wanted)
+
+    def _ms_delegated_tokens(
+        self, req: _Request, app: _MicrosoftApp, user: str, scope: str, granted: str
+    ) -> _Reply:
+        now, expires_at, lifetime = self._expiry()
+        audience = _audience_of(scope)
+        claims = {
+            "aud": audience,
+            "iss": self._ms_issuer(app.tenant_id),
+            "iat": int(now),
+            "nbf": int(now),
+            "exp": _numeric_date(expires_at),
+            "appid": app.client_id,
+            "idtyp": "user",
+            "scp": " ".join(s.rsplit("/", 1)[-1] for s in scope.split()),
+            "upn": user,
+            "unique_name": user,
+            "sub": _b64(hashlib.sha256(f"{app.client_id}:{user}".encode()).digest()[:24]),
+            "tid": app.tenant_id,
+            "uti": secrets.token_urlsafe(16),
+            "ver": "1.0",
+        }
+        token = jwt.encode(
+            claims, self._signing_key, algorithm="RS256", headers={"kid": self._key_id, "x5t": self._key_id}
+        )
+        with self._lock:
+            refresh_token = self._new_ms_refresh_token(app, user, granted)
+        self._record(
+            token,
+            _Issued(
+                provider="microsoft_delegated",
+                client_id=app.client_id,
+                subject=user,
+                scope=scope,
+                issued_at=now,
+                expires_at=expires_at,
+                audience=audience,
+                tenant_id=app.tenant_id,
+            ),
+        )
+        return self._ms_token_reply(
+            req, {"scope": scope, "access_token": token, "refresh_token": refresh_token}, lifetime
+        )
+
+    def _new_ms_refresh_token(self, app: _MicrosoftApp, user: str, scope: str) -> str:
+        token = "1.AQ" + secrets.token_urlsafe(120)
+        self._ms_refresh_grants[_digest(token)] = _MsRefreshGrant(app.tenant_id, app.client_id, user, scope)
+        return token
+
+    def _ms_device_code_request(self, req: _Request, tenant: str) -> _Reply:
+        tenant_id = self._ms_tenant(tenant)
+        if tenant_id is None:
+            return self._ms_unknown_tenant(tenant, req)
+        client_id = req.form.get("client_id") or ""
+        app = self._ms_app(tenant_id, client_id)
+        if app is None:
+            return self._ms_unknown_app(client_id, tenant, req)
+        scope = " ".join((req.form.get("scope") or "").split())
+        device_code = "DAQAB" + secrets.token_urlsafe(48)
+        user_code = "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(9))
+        with self._lock:
+            self._ms_device_codes[_digest(device_code)] = _DeviceCode(
+                app.tenant_id, app.client_id, scope, user_code, time.time() + _DEVICE_CODE_LIFETIME
+            )
+        verification_uri = f"{self.base_url}/devicelogin"
+        return _Reply(
+            200,
+            {
+                "user_code": user_code,
+                "device_code": device_code,
+                "verification_uri": verification_uri,
+                "expires_in": int(_DEVICE_CODE_LIFETIME),
+                "interval": 1,
+                "message": f"To sign in, use a web browser to open the page {verification_uri} and enter "
+                f"the code {user_code} to authenticate.",
+            },
+        )
+
+    def _ms_device_code_grant(self, req: _Request, app: _MicrosoftApp, auth: _ClientAuth) -> _Reply:
+        refusal = self._ms_authenticate(req, app, auth, public=True)
+        if refusal is not None:
+            return refusal
+        digest = _digest(req.form.get("device_code") or "")
+        with self._lock:
+            pending = self._ms_device_codes.get(digest)
+            if pending is not None and pending.client_id == app.client_id:
+                pending.polls += 1
+        if pending is None or pending.client_id != app.client_id or time.time() >= pending.expires_at:
+            return self._ms_error(400, "expired_token", 70020, "The provided device code has expired.", req)
+        if self.deny_consent:
+            return self._ms_error(
+                400, "authorization_declined", 70019, "The end user denied the authorization request.", req
+            )
+        if pending.polls < 2:  # the user has not finished signing in on the first poll
+            return self._ms_error(
+                400,
+                "authorization_pending",
+                70016,
+                "OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+                req,
+            )
+        with self._lock:
+            self._ms_device_codes.pop(digest, None)
+        return self._ms_consented_tokens(req, app, pending.scope, self.consent_user)
+
+    def _ms_consented_tokens(self, req: _Request, app: _MicrosoftApp, scope: str, user: str) -> _Reply:
+        granted = " ".join(s for s in scope.split() if s not in {"openid", "profile"})
+        resource = self._ms_delegated_scope(scope, granted) or ""
+        if "offline_access" not in scope.split() or not resource:
+            return self._ms_error(
+                400, "invalid_scope", 70011, "The sandbox needs a resource scope and offline_access.", req
+            )
+        _log.debug("user consented to Microsoft client %s", app.client_id)
+        return self._ms_delegated_tokens(req, app, user, resource, granted)
+
+    def _ms_authorize(self, req: _Request, tenant: str) -> _Reply:
+        """The sign-in and consent page, answered at once for ``login_hint`` or ``consent_user``."""
+        q = req.query
+        tenant_id = self._ms_tenant(tenant)
+        app = self._ms_app(tenant_id, q.get("client_id", "")) if tenant_id else None
+        if app is None:
+            return self._ms_error(400, "unauthorized_client", 700016, "Application not found.", None)
+        redirect_uri = q.get("redirect_uri", "")
+        parts = urlsplit(redirect_uri)
+        if not (parts.scheme == "http" and is_loopback_host(parts.hostname or "")) or parts.fragment:
+            return self._ms_error(
+                400,
+                "invalid_request",
+                50011,
+                "The redirect URI does not match the redirect URIs configured.",
+                None,
+            )
+        state = q.get("state")
+
+        def back(**params: str) -> _Reply:
+            if state is not None:
+                params["state"] = state
+            query = "&".join(p for p in (parts.query, urlencode(params)) if p)
+            return _Reply(302, None, headers={"Location": urlunsplit(parts._replace(query=query))})
+
+        challenge = q.get("code_challenge") or ""
+        if q.get("response_type") != "code" or q.get("code_challenge_method") != "S256" or not challenge:
+            return back(error="invalid_request", error_description="AADSTS9002325: PKCE (S256) is required.")
+        if self.deny_consent:
+            return back(error="access_denied", error_description="AADSTS65004: User declined to consent.")
+        code = "0.AQ" + secrets.token_urlsafe(48)
+        with self._lock:
+            self._ms_auth_codes[_digest(code)] = _AuthCode(
+                client_id=app.client_id,
+                redirect_uri=redirect_uri,
+                scope=" ".join(q.get("scope", "").split()),
+                user=q.get("login_hint") or self.consent_user,
+                offline=True,
+                challenge=challenge,
+                challenge_method="S256",
+                expires_at=time.time() + _AUTH_CODE_LIFETIME,
+            )
+        return back(code=code, session_state=str(uuid.uuid4()))
+
+    def _ms_code_exchange(self, req: _Request, app: _MicrosoftApp, auth: _ClientAuth) -> _Reply:
+        refusal = self._ms_authenticate(req, app, auth, public=True)
+        if refusal is not None:
+            return refusal
+        with self._lock:
+            grant = self._ms_auth_codes.pop(_digest(req.form.get("code") or ""), None)
+        if grant is None or grant.client_id != app.client_id or time.time() >= grant.expires_at:
+            return self._ms_error(
+                400, "invalid_grant", 70008, "The provided authorization code has expired.", req
+            )
+        if req.form.get("redirect_uri") != grant.redirect_uri:
+            return self._ms_error(400, "invalid_grant", 50148, "The redirect_uri does not match.", req)
+        verifier = req.form.get("code_verifier") or ""
+        if not _PKCE_VERIFIER.fullmatch(verifier) or not hmac.compare_digest(
+            _pkce_challenge(verifier, "S256"), grant.challenge or ""
+        ):
+            return self._ms_error(
+                400, "invalid_grant", 501481, "The Code_Verifier does not match the code_challenge.", req
+            )
+        return self._ms_consented_tokens(req, app, grant.scope, grant.user)
 
     # Google
 
@@ -1379,6 +1747,16 @@ _SHORT_LIVED = (
     "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. "
     "Check your iat and exp values in the JWT claim."
 )
+
+
+def _audience_of(scope: str) -> str:
+    """The resource a delegated scope names (``https://outlook.office.com/SMTP.Send``)."""
+    first = next((s for s in scope.split() if "/" in s), "https://graph.microsoft.com/")
+    return first.rsplit("/", 1)[0]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def _google_error(status: int, error: str, description: str) -> _Reply:

@@ -352,3 +352,25 @@ def test_live_smtp_check_failure_makes_the_integration_unhealthy(world):
     assert not record.healthy and record.smtp_checked
     assert record.last_error.code == "smtp_auth_disabled"
     assert "Set-CASMailbox" in record.last_error.hint
+
+
+def test_certificate_is_warned_thirty_days_before_its_own_not_after(world):
+    import time
+
+    from mailbroker_cli.certificates import self_signed
+
+    key, cert = self_signed("mailbroker m365-cert", days=20)
+    document = m365("m365-cert")
+    del document["client_secret"]
+    world.add(document | {"client_certificate": {"private_key": key, "certificate": cert}})
+    world.clock.now = time.time()
+
+    world.keeper().run()
+    world.keeper().run()
+
+    (alert,) = world.alerts()
+    assert alert["kind"] == "secret_expiring"
+    assert "client certificate of m365-cert expires" in alert["subject"]
+    assert "mailbroker cert create m365-cert" in alert["message"]
+    assert key not in json.dumps(alert)
+    assert world.health.get("m365-cert").warnings[0].startswith("The client certificate expires on")

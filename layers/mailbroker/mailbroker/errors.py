@@ -87,10 +87,12 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         False,
         502,
         "The grant was rejected: the refresh token expired or was revoked (6 months unused, a "
-        "password change, access removed; Google apps in 'Testing' after 7 days), or a service "
-        "account may not act for its subject. The user consents again ('mailbroker consent google "
-        "<id>' for Gmail) and the new refresh token is stored; the hint of each failure names the "
-        "provider's own fix.",
+        "password change, access removed; Google apps in 'Testing' after 7 days; Microsoft delegated "
+        "tokens after 90 days unused, AADSTS700082, or on sign-in frequency or revocation, 70043, "
+        "50173), or a service account may not act for its subject. The user consents again "
+        "('mailbroker consent google <id>' for Gmail, 'mailbroker consent microsoft <id>' for a "
+        "delegated Microsoft mailbox) and the new refresh token is stored; the hint of each failure "
+        "names the provider's own fix.",
     ),
     ErrorKind(
         "token_invalid_client",
@@ -99,6 +101,31 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "The client id or secret was rejected (AADSTS7000215: secret value wrong — use the secret's "
         "Value, not its ID; AADSTS7000222: secret expired; unauthorized_client: the app may not use "
         "this grant). Create a new secret and update the integration.",
+    ),
+    ErrorKind(
+        "token_certificate_mismatch",
+        False,
+        502,
+        "client_certificate.private_key is not the key of client_certificate.certificate (or is not "
+        "an unencrypted PEM key): store the key and certificate of one pair, or make a new pair with "
+        "'mailbroker cert create <id>' and upload its certificate to the app registration.",
+    ),
+    ErrorKind(
+        "token_certificate_unknown",
+        False,
+        502,
+        "Entra does not know the certificate that signed the client assertion (AADSTS700027): upload "
+        "the certificate file 'mailbroker cert create <id>' wrote to the app registration > "
+        "Certificates & secrets > Certificates, and check tenant_id and client_id. For subject-name/"
+        "issuer authentication set client_certificate.send_x5c to true.",
+    ),
+    ErrorKind(
+        "token_certificate_expired",
+        False,
+        502,
+        "The client certificate has expired (its notAfter has passed, or Entra answered AADSTS700027 "
+        "'key used is expired'): make a new pair with 'mailbroker cert create <id>', upload the new "
+        "certificate to the app registration, then remove the old one.",
     ),
     ErrorKind(
         "token_unavailable",
@@ -554,6 +581,16 @@ class SmtpFailure(MailbrokerError):
 # --- token endpoint answers -------------------------------------------------------------------
 
 _AADSTS = re.compile(r"\bAADSTS(\d{5,8})\b")
+# The client assertion's certificate is not one the app registration holds (or has expired there).
+_AAD_CERTIFICATE = {700027}
+# A delegated refresh token that can no longer be redeemed: expired after 90 days idle (700082),
+# sign-in frequency (70043), password change or revocation (50173, 50132), consent withdrawn (65001).
+_AAD_RECONSENT = {700082, 70043, 50173, 50132, 65001, 70000, 70008}
+DELEGATED_RECONSENT_HINT = (
+    "Microsoft no longer accepts the user's refresh token (AADSTS700082: unused for 90 days; 70043 "
+    "or 50173: sign-in frequency, password change or revoked sessions; 65001: consent withdrawn). "
+    "The user signs in again: 'mailbroker consent microsoft <id>' (device code, or --browser)."
+)
 
 
 def classify_token_error(
@@ -577,6 +614,22 @@ def classify_token_error(
     codes = set(error_codes or []) | {int(n) for n in _AADSTS.findall(description or "")}
     desc = scrub(description or "")
     what = f"{provider} token endpoint".strip()
+    if codes & _AAD_CERTIFICATE:
+        expired = "expired" in desc.lower()
+        return TokenError(
+            f"{what} refused the client certificate: {desc}".rstrip(": "),
+            code="token_certificate_expired" if expired else "token_certificate_unknown",
+        )
+    if (
+        error == "invalid_grant"
+        and provider == "microsoft_delegated"
+        or (provider == "microsoft_delegated" and codes & _AAD_RECONSENT)
+    ):
+        return TokenError(
+            f"{what} answered invalid_grant: {desc}".rstrip(": "),
+            code="token_invalid_grant",
+            hint=DELEGATED_RECONSENT_HINT,
+        )
     if status == 429 or error in {"temporarily_unavailable", "slow_down"}:
         return TokenUnavailable(
             f"{what} is throttling (HTTP {status or 429}); retry after {retry_after or 'a while'} s",

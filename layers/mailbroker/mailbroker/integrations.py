@@ -28,6 +28,9 @@ from mailbroker.errors import InvalidIntegration, UnknownIntegration, remember_s
 
 DEFAULT_MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
+# Delegated (a user's consent): SMTP, and Graph's sendMail once a message leaves through Graph.
+DEFAULT_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send offline_access"
+DELEGATED_GRAPH_SCOPE = "https://graph.microsoft.com/Mail.Send offline_access"
 DEFAULT_GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
 
@@ -40,6 +43,7 @@ GMAIL_SEND_SCOPE = "https://www.googleapis.com/auth/gmail.send"
 # Per-provider default sending limits (Microsoft 365: 30 messages a minute, 3 connections a mailbox).
 PROVIDER_LIMITS: dict[str, dict[str, int]] = {
     "microsoft": {"messages_per_minute": 30, "max_connections": 3},
+    "microsoft_delegated": {"messages_per_minute": 30, "max_connections": 3},
     "google": {"messages_per_minute": 60, "max_connections": 3},
     "google_service_account": {"messages_per_minute": 60, "max_connections": 3},
 }
@@ -311,16 +315,90 @@ class _IntegrationBase(_Model):
         return redacted
 
 
+class ClientCertificate(_Model):
+    """A certificate credential for an Entra app registration: the private key (PEM) and its X.509
+    certificate (PEM), whose public part is uploaded to the app registration. ``send_x5c`` also
+    sends the certificate in the assertion (x5c), for subject-name/issuer authentication."""
+
+    private_key: SecretStr
+    certificate: str = Field(min_length=1, max_length=20_000)
+    send_x5c: bool = False
+
+    @field_validator("certificate")
+    @classmethod
+    def _pem_certificate(cls, value: str) -> str:
+        from cryptography import x509
+
+        try:
+            x509.load_pem_x509_certificate(value.encode())
+        except ValueError:
+            raise ValueError("certificate is not a PEM X.509 certificate") from None
+        return value
+
+    @field_validator("private_key")
+    @classmethod
+    def _pem_key(cls, value: SecretStr) -> SecretStr:
+        if "PRIVATE KEY-----" not in value.get_secret_value():
+            raise ValueError("private_key is not a PEM private key")
+        return value
+
+
+def _one_client_credential(model: Any, *, required: bool) -> None:
+    has_secret = model.client_secret is not None
+    has_certificate = model.client_certificate is not None
+    if has_secret and has_certificate:
+        raise ValueError("give client_secret or client_certificate, not both")
+    if required and not (has_secret or has_certificate):
+        raise ValueError("client_secret or client_certificate is required")
+
+
 class MicrosoftIntegration(_IntegrationBase):
     provider: Literal["microsoft"]
     tenant_id: str = Field(min_length=1, max_length=128)
     client_id: str = Field(min_length=1, max_length=128)
-    client_secret: SecretStr
+    client_secret: SecretStr | None = None
+    client_certificate: ClientCertificate | None = None
     authority: str = DEFAULT_MICROSOFT_AUTHORITY
     scope: str = DEFAULT_MICROSOFT_SCOPE
     client_secret_expires_at: str | None = None
 
     _v_authority = field_validator("authority")(lambda v: _https_url(v, "authority"))
+
+    @model_validator(mode="after")
+    def _credential(self) -> MicrosoftIntegration:
+        _one_client_credential(self, required=True)
+        return self
+
+
+class MicrosoftDelegatedIntegration(_IntegrationBase):
+    """A user's delegated consent (a mailbox an admin will not grant app-only access to, or a
+    personal Outlook.com account). Microsoft rotates ``refresh_token`` on use; the newest one lives
+    sealed in the token table and is written back here (see docs/decisions.md)."""
+
+    provider: Literal["microsoft_delegated"]
+    tenant_id: str = Field(min_length=1, max_length=128)
+    client_id: str = Field(min_length=1, max_length=128)
+    refresh_token: SecretStr
+    client_secret: SecretStr | None = None
+    client_certificate: ClientCertificate | None = None
+    authority: str = DEFAULT_MICROSOFT_AUTHORITY
+    scope: str = DEFAULT_DELEGATED_SCOPE
+    client_secret_expires_at: str | None = None
+
+    _v_authority = field_validator("authority")(lambda v: _https_url(v, "authority"))
+
+    @model_validator(mode="after")
+    def _credential(self) -> MicrosoftDelegatedIntegration:
+        _one_client_credential(self, required=False)
+        return self
+
+    @property
+    def uses_refresh_token(self) -> bool:
+        return True
+
+    @property
+    def is_public_client(self) -> bool:
+        return self.client_secret is None and self.client_certificate is None
 
 
 class GoogleIntegration(_IntegrationBase):
@@ -386,6 +464,7 @@ class BasicIntegration(_IntegrationBase):
 
 Integration = Annotated[
     MicrosoftIntegration
+    | MicrosoftDelegatedIntegration
     | GoogleIntegration
     | GoogleServiceAccountIntegration
     | OAuth2Integration
@@ -393,7 +472,11 @@ Integration = Annotated[
     Field(discriminator="provider"),
 ]
 OAuthIntegration = (
-    MicrosoftIntegration | GoogleIntegration | GoogleServiceAccountIntegration | OAuth2Integration
+    MicrosoftIntegration
+    | MicrosoftDelegatedIntegration
+    | GoogleIntegration
+    | GoogleServiceAccountIntegration
+    | OAuth2Integration
 )
 
 _ADAPTER: TypeAdapter[Integration] = TypeAdapter(Integration)
@@ -407,7 +490,10 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
         loc = ".".join(str(p) for p in err["loc"] if not str(p).endswith("Integration"))
         msg = err["msg"]
         if err["type"] == "union_tag_invalid":
-            msg = "provider must be one of microsoft, google, google_service_account, oauth2, basic"
+            msg = (
+                "provider must be one of microsoft, microsoft_delegated, google, "
+                "google_service_account, oauth2, basic"
+            )
         problems.append({"field": loc or "(root)", "problem": msg})
     return problems
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailbroker.errors import MailbrokerError, classify_exception
 from mailbroker.health import Alert, HealthError, HealthRecord, HealthStore, iso
-from mailbroker.integrations import BasicIntegration, MicrosoftIntegration
+from mailbroker.integrations import BasicIntegration, MicrosoftDelegatedIntegration, MicrosoftIntegration
 from mailbroker.observability import logger
 
 if TYPE_CHECKING:
@@ -52,8 +52,10 @@ class Observation:
     refreshed: bool = False
     smtp_checked: bool = False
     warnings: tuple[str, ...] = ()
-    # The client_secret_expires_at value, when it falls inside the warning window.
+    # The client_secret_expires_at value (or the certificate's notAfter), when it falls inside the
+    # warning window.
     secret_expiring: str | None = None
+    expiring_kind: str = "client secret"
 
     @property
     def healthy(self) -> bool:
@@ -173,6 +175,7 @@ class Keeper:
             return Observation(integration_id, None, error=self._classified(exc, integration_id))
         provider = integration.provider
         secret_expiring, warnings = secret_expiry(integration, self._clock(), self.warning_window)
+        kind = "client certificate" if getattr(integration, "client_certificate", None) else "client secret"
         token_expires_at = last_refresh = None
         refreshed = False
         try:
@@ -209,6 +212,7 @@ class Keeper:
                 smtp_checked=bool(integration.smtp_check and self.smtp_check),
                 warnings=warnings,
                 secret_expiring=secret_expiring,
+                expiring_kind=kind,
             )
         return Observation(
             integration_id,
@@ -219,6 +223,7 @@ class Keeper:
             smtp_checked=bool(integration.smtp_check and self.smtp_check),
             warnings=warnings,
             secret_expiring=secret_expiring,
+            expiring_kind=kind,
         )
 
     def _classified(self, exc: Exception, integration_id: str) -> MailbrokerError:
@@ -246,6 +251,12 @@ class Keeper:
         if sent:
             logger.info("alert published", extra={"integration": alert.integration, "kind": alert.kind})
         return sent
+
+
+def reconsent_command(provider: str | None, integration_id: str) -> str:
+    """The command that gives an integration a new refresh token."""
+    family = "microsoft" if provider == "microsoft_delegated" else "google"
+    return f"mailbroker consent {family} {integration_id}"
 
 
 def next_record(previous: HealthRecord | None, seen: Observation, now: float) -> HealthRecord:
@@ -280,7 +291,7 @@ def alerts_for(previous: HealthRecord | None, record: HealthRecord, seen: Observ
     name = record.integration
     error = record.last_error
     if error is not None and error.code == "token_invalid_grant" and was_code != "token_invalid_grant":
-        command = f"mailbroker consent google {name}"
+        command = reconsent_command(record.provider, name)
         alerts.append(
             Alert(
                 name,
@@ -317,14 +328,24 @@ def alerts_for(previous: HealthRecord | None, record: HealthRecord, seen: Observ
             )
         )
     if seen.secret_expiring and (previous is None or previous.secret_expiry_warned != seen.secret_expiring):
+        if seen.expiring_kind == "client certificate":
+            fix = (
+                f"Make a new key and certificate with 'mailbroker cert create {name}', upload the new "
+                "certificate to the app registration (Certificates & secrets > Certificates), then "
+                "remove the old one."
+            )
+        else:
+            fix = (
+                "Create a new client secret for the app registration, then update the integration "
+                "(client_secret and client_secret_expires_at) with "
+                "'mailbroker integration add --from-file <file> --replace'."
+            )
         alerts.append(
             Alert(
                 name,
                 "secret_expiring",
-                f"mailbroker: client secret of {name} expires {seen.secret_expiring[:10]}",
-                f"Integration {name}: {' '.join(seen.warnings)}\n\nCreate a new client secret for the app "
-                "registration, then update the integration (client_secret and client_secret_expires_at) "
-                "with 'mailbroker integration add --from-file <file> --replace'.",
+                f"mailbroker: {seen.expiring_kind} of {name} expires {seen.secret_expiring[:10]}",
+                f"Integration {name}: {' '.join(seen.warnings)}\n\n{fix}",
                 attributes={"expires_at": seen.secret_expiring},
             )
         )
@@ -332,23 +353,37 @@ def alerts_for(previous: HealthRecord | None, record: HealthRecord, seen: Observ
 
 
 def secret_expiry(integration: Integration, now: float, window: float) -> tuple[str | None, tuple[str, ...]]:
-    """(the expiry value when inside the warning window, warnings) for a Microsoft client secret."""
-    if not isinstance(integration, MicrosoftIntegration) or not integration.client_secret_expires_at:
+    """(the expiry when inside the warning window, warnings) for a Microsoft client secret
+    (``client_secret_expires_at``) or client certificate (its own ``notAfter``)."""
+    if not isinstance(integration, MicrosoftIntegration | MicrosoftDelegatedIntegration):
         return None, ()
+    if integration.client_certificate is not None:
+        from mailbroker.tokens.credentials import certificate_facts
+
+        facts = certificate_facts(integration.client_certificate.certificate)
+        return _expiry_warning(facts.not_after_iso, facts.not_after, now, window, "client certificate")
     value = integration.client_secret_expires_at
+    if not value:
+        return None, ()
     try:
         moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None, (f"client_secret_expires_at {value!r} is not an ISO 8601 date",)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
-    left = moment.timestamp() - now
+    return _expiry_warning(value, moment.timestamp(), now, window, "client secret")
+
+
+def _expiry_warning(
+    value: str, moment: float, now: float, window: float, what: str
+) -> tuple[str | None, tuple[str, ...]]:
+    left = moment - now
     if left > window:
         return None, ()
-    day = moment.strftime("%Y-%m-%d")
+    day = dt.datetime.fromtimestamp(moment, dt.UTC).strftime("%Y-%m-%d")
     if left <= 0:
-        return value, (f"The client secret expired on {day}.",)
-    return value, (f"The client secret expires on {day} (in {max(int(left // DAY), 0)} days).",)
+        return value, (f"The {what} expired on {day}.",)
+    return value, (f"The {what} expires on {day} (in {max(int(left // DAY), 0)} days).",)
 
 
 def live_check(

@@ -19,6 +19,8 @@ class IssuedToken:
     access_token: str = field(repr=False)
     expires_in: float
     token_type: str = "Bearer"  # noqa: S105 (a scheme name)
+    # A rotating credential's next refresh token, when the provider returned one.
+    refresh_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         remember_secret(self.access_token)

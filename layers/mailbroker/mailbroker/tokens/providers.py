@@ -23,12 +23,14 @@ from mailbroker.integrations import (
     DEFAULT_MICROSOFT_AUTHORITY,
     GoogleIntegration,
     GoogleServiceAccountIntegration,
+    MicrosoftDelegatedIntegration,
     MicrosoftIntegration,
     OAuth2Integration,
     context_of,
 )
+from mailbroker.tokens.credentials import credential_proof_parts, msal_credential
 from mailbroker.tokens.http_client import VettedSession
-from mailbroker.tokens.model import CredentialIdentity, IssuedToken, fingerprint
+from mailbroker.tokens.model import CredentialIdentity, IssuedToken
 
 
 def identity_of(integration: Any) -> CredentialIdentity:
@@ -40,7 +42,18 @@ def identity_of(integration: Any) -> CredentialIdentity:
             integration.client_id,
             integration.username,
             integration.scope,
-            _proof(integration.client_secret),
+            _proof(*credential_proof_parts(integration)),
+        )
+    if isinstance(integration, MicrosoftDelegatedIntegration):
+        # The refresh token rotates, so it cannot name the credential: the integration does (its
+        # refresh-token lineage is its own), with the client credential if it has one.
+        return CredentialIdentity(
+            "microsoft_delegated",
+            f"{integration.authority}/{integration.tenant_id}",
+            integration.client_id,
+            integration.username,
+            integration.scope,
+            _proof(integration.id, *credential_proof_parts(integration)),
         )
     if isinstance(integration, GoogleIntegration):
         return CredentialIdentity(
@@ -72,11 +85,12 @@ def identity_of(integration: Any) -> CredentialIdentity:
     raise TypeError(f"{type(integration).__name__} does not use OAuth2 tokens")
 
 
-def _proof(*secrets: SecretStr) -> str:
+def _proof(*secrets: SecretStr | str) -> str:
     """A digest of the credential: part of the cache key, never the credential itself."""
     digest = hashlib.sha256()
     for secret in secrets:
-        digest.update(secret.get_secret_value().encode() + b"\0")
+        value = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+        digest.update(value.encode() + b"\0")
     return digest.hexdigest()
 
 
@@ -154,6 +168,10 @@ def _parse_retry_after(value: str | None) -> float | None:
             return None
 
 
+# MSAL adds these itself and refuses them in a scope list.
+_MSAL_RESERVED_SCOPES = frozenset({"offline_access", "openid", "profile"})
+
+
 class TokenProviders:
     """Fetches a new access token for an integration from its provider."""
 
@@ -165,9 +183,15 @@ class TokenProviders:
         self._msal_apps: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
 
-    def fetch(self, integration: Any) -> IssuedToken:
+    def fetch(self, integration: Any, *, refresh_token: str | None = None) -> IssuedToken:
+        """A new access token. ``refresh_token``: the newest refresh token of a rotating credential
+        (``microsoft_delegated``), which may be newer than the one in the integration's secret."""
         if isinstance(integration, MicrosoftIntegration):
             return self._microsoft(integration)
+        if isinstance(integration, MicrosoftDelegatedIntegration):
+            return self._microsoft_delegated(
+                integration, refresh_token or integration.refresh_token.get_secret_value()
+            )
         if isinstance(integration, GoogleIntegration):
             return self._google(integration)
         if isinstance(integration, GoogleServiceAccountIntegration):
@@ -176,35 +200,74 @@ class TokenProviders:
             return self._client_credentials(integration)
         raise TypeError(f"{type(integration).__name__} does not use OAuth2 tokens")
 
-    # --- Microsoft: MSAL client credentials -----------------------------------------------------
+    # --- Microsoft: MSAL client credentials and refresh tokens ----------------------------------
 
-    def _msal_app(self, integration: MicrosoftIntegration) -> Any:
-        secret = integration.client_secret.get_secret_value()
-        key = (integration.authority, integration.tenant_id, integration.client_id, fingerprint(secret))
+    def _msal_app(self, integration: MicrosoftIntegration | MicrosoftDelegatedIntegration) -> Any:
+        proof = _proof(*credential_proof_parts(integration))
+        key = (
+            integration.provider,
+            integration.authority,
+            integration.tenant_id,
+            integration.client_id,
+            proof,
+        )
         with self._lock:
             app = self._msal_apps.get(key)
             if app is None:
-                import msal
-
-                # The constructor fetches the tenant's OIDC metadata: built here, on a cache miss,
-                # never at import. Authorities other than the public cloud's (sovereign clouds, the
-                # sandbox) skip Microsoft's instance discovery and use their own OIDC discovery.
-                app = msal.ConfidentialClientApplication(
-                    integration.client_id,
-                    client_credential=secret,
-                    authority=f"{integration.authority}/{integration.tenant_id}",
-                    http_client=self._session,
-                    instance_discovery=integration.authority == DEFAULT_MICROSOFT_AUTHORITY,
-                )
+                app = self._build_msal_app(integration)
                 self._msal_apps[key] = app
         return app
 
+    def _build_msal_app(self, integration: MicrosoftIntegration | MicrosoftDelegatedIntegration) -> Any:
+        import msal
+
+        credential, assertion = msal_credential(integration)
+        # The constructor fetches the tenant's OIDC metadata: built here, on a cache miss, never at
+        # import. Authorities other than the public cloud's (sovereign clouds, the sandbox) skip
+        # Microsoft's instance discovery and use their own OIDC discovery.
+        options: dict[str, Any] = {
+            "authority": f"{integration.authority}/{integration.tenant_id}",
+            "http_client": self._session,
+            "instance_discovery": integration.authority == DEFAULT_MICROSOFT_AUTHORITY,
+        }
+        if credential is None:
+            app = msal.PublicClientApplication(integration.client_id, **options)
+        else:
+            app = msal.ConfidentialClientApplication(
+                integration.client_id, client_credential=credential, **options
+            )
+        if assertion is not None:
+            assertion.audience = app.authority.token_endpoint
+        return app
+
     def _microsoft(self, integration: MicrosoftIntegration) -> IssuedToken:
-        try:
-            app = self._msal_app(integration)
+        def acquire(app: Any) -> Any:
             # The broker decides when a token is due; MSAL's own cache must not answer instead.
             app.remove_tokens_for_client()
-            result = app.acquire_token_for_client(scopes=[integration.scope])
+            return app.acquire_token_for_client(scopes=[integration.scope])
+
+        result = self._msal_call(integration, acquire, "microsoft")
+        return IssuedToken(result["access_token"], float(result.get("expires_in", 3600)))
+
+    def _microsoft_delegated(
+        self, integration: MicrosoftDelegatedIntegration, refresh_token: str
+    ) -> IssuedToken:
+        scopes = [s for s in integration.scope.split() if s not in _MSAL_RESERVED_SCOPES]
+
+        def acquire(app: Any) -> Any:
+            return app.acquire_token_by_refresh_token(refresh_token, scopes=scopes)
+
+        result = self._msal_call(integration, acquire, "microsoft_delegated")
+        return IssuedToken(
+            result["access_token"],
+            float(result.get("expires_in", 3600)),
+            refresh_token=result.get("refresh_token"),
+        )
+
+    def _msal_call(self, integration: Any, acquire: Any, provider: str) -> dict[str, Any]:
+        try:
+            app = self._msal_app(integration)
+            result = acquire(app)
         except ValueError as exc:
             # MSAL's OIDC discovery failed: a 4xx with an Entra error (AADSTS90002, a tenant that
             # does not exist) is configuration; anything else is a transport failure.
@@ -215,12 +278,12 @@ class TokenProviders:
                     error=seen["error"],
                     description=seen["error_description"],
                     error_codes=seen["error_codes"],
-                    provider="microsoft",
+                    provider=provider,
                     context=context_of(integration),
                 ) from None
-            raise self._transport_error(exc, "microsoft") from None
+            raise self._transport_error(exc, provider) from None
         except (requests.RequestException, OSError) as exc:
-            raise self._transport_error(exc, "microsoft") from None
+            raise self._transport_error(exc, provider) from None
         except Exception as exc:
             from msal.exceptions import MsalServiceError
 
@@ -230,17 +293,17 @@ class TokenProviders:
             # instead of returning a result, and replays it from its throttling cache for a while.
             status = _status_in(str(exc)) or self._session.last_status
             raise classify_token_error(
-                status=status, retry_after=self._session.last_retry_after, provider="microsoft"
+                status=status, retry_after=self._session.last_retry_after, provider=provider
             ) from None
         if "access_token" in result:
-            return IssuedToken(result["access_token"], float(result.get("expires_in", 3600)))
+            return dict(result)
         raise classify_token_error(
             status=self._session.last_status,
             error=result.get("error"),
             description=result.get("error_description"),
             error_codes=result.get("error_codes"),
             retry_after=self._session.last_retry_after,
-            provider="microsoft",
+            provider=provider,
             context=context_of(integration),
         )
 
