@@ -36,7 +36,7 @@ TESTING_WARNING = (
 
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
     group = commands.add_parser("consent", help="obtain a refresh token through the provider's consent")
-    sub = group.add_subparsers(dest="provider", required=True, metavar="{google}")
+    sub = group.add_subparsers(dest="provider", required=True, metavar="{google,microsoft}")
     google = sub.add_parser(
         "google",
         parents=[common],
@@ -72,6 +72,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     google.add_argument("--browser", help="the browser to open (a name Python's webbrowser module knows)")
     google.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the consent")
     google.set_defaults(handler=consent_google)
+    from mailbroker_cli import consent_microsoft
+
+    consent_microsoft.register(sub, common)
 
 
 def consent_google(args: argparse.Namespace, ctx: Context, out: Output) -> int:

@@ -26,6 +26,7 @@ from mailbroker.integrations import (
     BasicIntegration,
     GoogleIntegration,
     GoogleServiceAccountIntegration,
+    MicrosoftDelegatedIntegration,
     MicrosoftIntegration,
     context_of,
 )
@@ -133,7 +134,10 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
         yield Step("token", True, "basic authentication (AUTH PLAIN/LOGIN): no token needed")
     else:
         try:
-            fresh = fetch_fresh_token(integration, ctx.settings.http_timeout)
+            if isinstance(integration, MicrosoftDelegatedIntegration):
+                fresh = fresh_delegated_token(ctx, integration)
+            else:
+                fresh = fetch_fresh_token(integration, ctx.settings.http_timeout)
         except Exception as exc:
             error = classify_exception(exc)
             yield Step("token", False, error.message, error.code, error.hint)
@@ -174,6 +178,19 @@ class FreshToken:
     lifetime: float
     granted: list[str] | None = None  # scopes the provider says it granted, if it says
     refresh_token_expires_in: float | None = None  # Google: set when the refresh token expires
+
+
+def fresh_delegated_token(ctx: Context, integration: Any) -> FreshToken:
+    """A refresh through the token broker: a delegated refresh token rotates when redeemed, and
+    only the broker keeps the newest one (in the token table, then the secret)."""
+    from mailbroker import runtime
+    from mailbroker.settings import TokenCacheEnv
+
+    broker = runtime.build_token_broker(
+        ctx.needs(TokenCacheEnv), ctx.integrations, dynamodb=ctx.client("dynamodb"), kms=ctx.client("kms")
+    )
+    token = broker.token_for_integration(integration, force_refresh=True)
+    return FreshToken(token.access_token, max(token.expires_at - time.time(), 0.0))
 
 
 def fetch_fresh_token(integration: Any, http_timeout: float) -> FreshToken:

@@ -23,6 +23,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import html
 import json
 import logging
 import re
@@ -225,6 +226,7 @@ class _Reply:
     body: dict[str, Any] | list[Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     drop_after: float | None = None  # say nothing, then close the connection after this many seconds
+    html: str | None = None  # a page instead of JSON (the form_post response mode)
 
 
 class _Refusal(Exception):
@@ -320,7 +322,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _write(self, reply: _Reply) -> None:
         body = b"" if reply.body is None else json.dumps(reply.body).encode("utf-8")
         self.send_response(reply.status)
-        if reply.body is not None:
+        if reply.html is not None:
+            body = reply.html.encode("utf-8")
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+        elif reply.body is not None:
             self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         for name, value in reply.headers.items():
@@ -1351,9 +1356,21 @@ class TokenServer:
             )
         state = q.get("state")
 
+        form_post = q.get("response_mode") == "form_post"
+
         def back(**params: str) -> _Reply:
             if state is not None:
                 params["state"] = state
+            if form_post:  # the page the browser submits to the redirect URI (OIDC form_post)
+                fields = "".join(
+                    f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                    for k, v in params.items()
+                )
+                page = (
+                    f'<html><body onload="document.forms[0].submit()"><form method="post" '
+                    f'action="{html.escape(redirect_uri)}">{fields}</form></body></html>'
+                )
+                return _Reply(200, None, html=page)
             query = "&".join(p for p in (parts.query, urlencode(params)) if p)
             return _Reply(302, None, headers={"Location": urlunsplit(parts._replace(query=query))})
 

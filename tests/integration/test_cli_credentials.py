@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+import html
+import re
+import threading
+import webbrowser
+
+import pytest
+import requests
 from mailbroker.integrations import parse_integration, unredacted
 
 from mailbroker_cli.certificates import self_signed
@@ -49,3 +56,99 @@ def test_doctor_names_a_key_that_does_not_match_its_certificate(cli):  # noqa: F
     assert code == 1
     assert steps["cert"]["ok"] is False and steps["cert"]["code"] == "token_certificate_mismatch"
     assert steps["token"]["code"] == "token_certificate_mismatch"
+
+
+# --- consent microsoft -----------------------------------------------------------------------------
+
+
+class FormPostBrowser(webbrowser.BaseBrowser):
+    """A browser at the sign-in page: it loads the consent page and submits the form it returns to
+    the loopback redirect URI (Entra's form_post response mode), as a person's browser would."""
+
+    def __init__(self, ca_file: str) -> None:
+        super().__init__("mailbroker-test-form-post-browser")
+        self.ca_file = ca_file
+        self.failures: list[BaseException] = []
+
+    def open(self, url: str, new: int = 0, autoraise: bool = True) -> bool:
+        def visit() -> None:
+            with requests.Session() as browser:
+                browser.trust_env = False
+                try:
+                    page = browser.get(url, verify=self.ca_file, timeout=10).text
+                    action = html.unescape(re.search(r'action="([^"]+)"', page).group(1))
+                    fields = {
+                        html.unescape(k): html.unescape(v)
+                        for k, v in re.findall(r'name="([^"]+)" value="([^"]*)"', page)
+                    }
+                    browser.post(action, data=fields, timeout=10)
+                except (requests.RequestException, AttributeError) as exc:
+                    self.failures.append(exc)
+
+        threading.Thread(target=visit, daemon=True).start()
+        return True
+
+
+@pytest.fixture
+def form_post_browser(sandbox_ca):
+    stand_in = FormPostBrowser(str(sandbox_ca.ca_cert))
+    webbrowser.register(stand_in.name, None, stand_in)
+    return stand_in
+
+
+def _public_app(cli, client_id):  # noqa: F811 (the fixture, passed in)
+    cli.tokens.register_microsoft_app("consumers", client_id, public_client=True)
+    return [
+        "--tenant-id", "consumers", "--client-id", client_id, "--username", "bo@outlook.example",
+        "--authority", cli.tokens.microsoft_authority(), *cli.smtp_flags,
+    ]  # fmt: skip
+
+
+def test_consent_microsoft_device_code_stores_the_refresh_token_without_printing_it(cli):  # noqa: F811
+    flags = _public_app(cli, "public-device")
+    cli.smtp.add_mailbox("bo@outlook.example")
+    cli.tokens.consent_user = "bo@outlook.example"  # who signs in on the other device
+
+    code, out, err = cli("consent", "microsoft", "outlook-bo", *flags, "--timeout", "30")
+    stored = cli.store.get("outlook-bo")
+    doctor_code, doctor, _ = cli("doctor", "outlook-bo")
+
+    refresh = stored.refresh_token.get_secret_value()
+    assert code == 0, err
+    assert "enter the code" in err and "/devicelogin" in err
+    assert stored.provider == "microsoft_delegated"
+    assert refresh not in out + err + doctor
+    assert doctor_code == 0, doctor
+    assert cli.tokens.refresh_token_reuse == 0
+
+
+def test_consent_microsoft_in_the_browser_uses_pkce_on_a_loopback_redirect(cli, form_post_browser):  # noqa: F811
+    flags = _public_app(cli, "public-browser")
+
+    code, out, err = cli(
+        "consent",
+        "microsoft",
+        "outlook-browser",
+        *flags,
+        "--browser",
+        form_post_browser.name,
+        "--timeout",
+        "30",
+    )
+
+    stored = cli.store.get("outlook-browser")
+    assert code == 0, err
+    assert form_post_browser.failures == []
+    assert "code_challenge_method=S256" in err and "http://localhost:" in err
+    assert stored.refresh_token.get_secret_value() not in out + err
+    assert cli.tokens.live_microsoft_refresh_tokens("public-browser") == 1
+
+
+def test_consent_microsoft_refused_by_the_user_stores_nothing(cli):  # noqa: F811
+    flags = _public_app(cli, "public-refused")
+    cli.tokens.deny_consent = True
+
+    code, _, err = cli("consent", "microsoft", "outlook-refused", *flags, "--timeout", "30")
+
+    assert code == 2 and "declined" in err
+    assert "outlook-refused" not in cli.store.list_ids()

@@ -321,3 +321,77 @@ def test_keeper_summary_and_alerts_hold_no_credential(deployment, capsys):
     text = json.dumps([summary, alerts, record]) + capsys.readouterr().out
     for secret in (document["refresh_token"], document["client_secret"]):
         assert secret not in text
+
+
+def test_delegated_microsoft_credential_older_than_keep_alive_is_refreshed_and_keeps_working(
+    deployment, token_server
+):
+    from mailbroker.handlers.keeper import build_keeper
+    from mailbroker.settings import get_settings
+
+    token_server.lifetime = 30 * 86400  # access tokens outlive the keep-alive period
+    client_id = f"public-{uuid.uuid4().hex[:8]}"
+    token_server.register_microsoft_app("consumers", client_id, public_client=True)
+    mailbox = "kept@outlook.example"
+    deployment.smtp.add_mailbox(mailbox)
+    deployment.add(
+        {
+            "id": "outlook-kept",
+            "provider": "microsoft_delegated",
+            "username": mailbox,
+            "tenant_id": "consumers",
+            "client_id": client_id,
+            "refresh_token": token_server.issue_microsoft_refresh_token("consumers", client_id, mailbox),
+            "authority": token_server.microsoft_authority(),
+            "smtp_check": True,
+        }
+    )
+    now = [time.time()]
+    clock = lambda: now[0]  # noqa: E731
+    settings = get_settings()
+    broker = runtime.build_token_broker(settings, runtime.integration_store(), clock=clock)
+
+    def run_at(offset_days: float) -> dict:
+        now[0] = start + offset_days * 86400
+        broker.forget_memory()  # each scheduled run is a fresh execution environment
+        return build_keeper(settings, broker=broker, clock=clock).run().to_dict()
+
+    start = now[0]
+    runs = [run_at(0), run_at(5), run_at(7.01), run_at(14.02), run_at(15)]
+
+    assert [r["refreshed"] for r in runs] == [["outlook-kept"], [], ["outlook-kept"], ["outlook-kept"], []]
+    assert all(r["healthy"] == ["outlook-kept"] for r in runs)  # the live SMTP check passes each time
+    assert token_server.refresh_token_reuse == 0
+    assert token_server.live_microsoft_refresh_tokens(client_id) == 1
+    record = deployment.store.get("outlook-kept")
+    assert token_server.issued(client_id=client_id) == 3
+    assert record.refresh_token.get_secret_value()  # the secret holds a refresh token of the chain
+
+
+def test_delegated_credential_microsoft_stopped_accepting_alerts_once_with_the_reconsent_command(
+    deployment, token_server
+):
+    client_id = f"public-{uuid.uuid4().hex[:8]}"
+    token_server.register_microsoft_app("consumers", client_id, public_client=True)
+    deployment.add(
+        {
+            "id": "outlook-idle",
+            "provider": "microsoft_delegated",
+            "username": "idle@outlook.example",
+            "tenant_id": "consumers",
+            "client_id": client_id,
+            "refresh_token": token_server.issue_microsoft_refresh_token(
+                "consumers", client_id, "idle@outlook.example"
+            ),
+            "authority": token_server.microsoft_authority(),
+        }
+    )
+    token_server.expire_microsoft_refresh_tokens(client_id)
+
+    deployment.run_keeper()
+    deployment.run_keeper()
+
+    alerts = deployment.alerts()
+    assert [a["kind"] for a in alerts] == ["reconsent"]
+    assert alerts[0]["command"] == "mailbroker consent microsoft outlook-idle"
+    assert "AADSTS700082" in alerts[0]["message"]

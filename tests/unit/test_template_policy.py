@@ -310,10 +310,11 @@ def test_functions_use_their_own_roles_not_generated_ones():
         assert any(RESOURCES[p]["Type"] == "AWS::IAM::Policy" for p in policies), function_id
 
 
-def test_secrets_are_readable_only_under_the_secret_prefix():
+def test_secrets_are_readable_and_refresh_tokens_written_back_only_under_the_secret_prefix():
     for function_id in FUNCTIONS:
         for statement in role_statements(function_id):
-            if "secretsmanager:GetSecretValue" in as_list(statement["Action"]):
+            actions = set(as_list(statement["Action"]))
+            if actions & {"secretsmanager:GetSecretValue", "secretsmanager:PutSecretValue"}:
                 (resource,) = as_list(statement["Resource"])
                 assert resource["Fn::Sub"].endswith(":secret:${SecretPrefix}*")
 
@@ -338,7 +339,7 @@ def test_no_function_may_change_secrets_or_tables_beyond_items():
         for action in allowed_actions(function_id):
             service, verb = action.split(":")
             if service == "secretsmanager":
-                assert verb in {"GetSecretValue", "ListSecrets"}, action
+                assert verb in {"GetSecretValue", "PutSecretValue", "ListSecrets"}, action
             if service == "dynamodb":
                 assert verb.endswith("Item") or verb in STREAM_READS, action
 

@@ -604,6 +604,30 @@ class IntegrationStore:
             self._client.create_secret(Name=name, SecretString=body)
         self._provider.clear_cache()
 
+    def write_refresh_token(self, integration_id: str, refresh_token: str, replaces: set[str]) -> bool:
+        """Put a rotated refresh token into the integration's secret, changing nothing else, if the
+        secret still holds one whose fingerprint is in ``replaces`` (else an operator has given it a
+        new consent meanwhile, and that one stays). Returns whether the secret was written."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from mailbroker.errors import aws_failure
+        from mailbroker.tokens.model import fingerprint
+
+        name = self.secret_name(integration_id)
+        try:
+            document = json.loads(self._client.get_secret_value(SecretId=name)["SecretString"])
+            current = document.get("refresh_token") if isinstance(document, dict) else None
+            if not isinstance(current, str) or fingerprint(current) not in replaces:
+                return False
+            document["refresh_token"] = refresh_token
+            self._client.put_secret_value(SecretId=name, SecretString=json.dumps(document))
+        except (KeyError, ValueError):
+            return False
+        except (ClientError, BotoCoreError) as exc:
+            raise aws_failure(exc, "Secrets Manager write-back") from None
+        self._provider.clear_cache()
+        return True
+
     def delete(self, integration_id: str) -> None:
         self._client.delete_secret(SecretId=self.secret_name(integration_id), ForceDeleteWithoutRecovery=True)
         self._provider.clear_cache()

@@ -186,6 +186,8 @@ class Keeper:
                     force = stored is not None and self._clock() - stored.issued_at >= self.keep_alive
                     last_refresh = stored.issued_at if stored else None
                 token = self.broker.token_for_integration(integration, force_refresh=force)
+                if integration.uses_refresh_token and hasattr(self.broker, "sync_refresh_token"):
+                    self.broker.sync_refresh_token(integration)
                 refreshed = token.source == "provider"
                 token_expires_at = token.expires_at
                 if refreshed:

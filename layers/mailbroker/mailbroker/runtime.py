@@ -121,6 +121,7 @@ def build_token_broker(
         lease_ttl=settings.lease_ttl,
         lease_wait=settings.lease_wait,
         clock=clock,
+        write_back_interval=settings.refresh_token_write_back,
     )
 
 

@@ -83,6 +83,9 @@ class TokenPolicyEnv(EnvModel):
     lease_wait: float = Field(default=8.0, alias="TOKEN_LEASE_WAIT_SECONDS", gt=0)
     # A refresh lease whose holder died expires after this many seconds.
     lease_ttl: float = Field(default=15.0, alias="TOKEN_LEASE_TTL_SECONDS", gt=0)
+    # A rotated refresh token is written back to the integration's secret at most this often
+    # (Secrets Manager's guidance: no more than one PutSecretValue every ten minutes).
+    refresh_token_write_back: float = Field(default=600.0, alias="REFRESH_TOKEN_WRITE_BACK_SECONDS", ge=0)
     # Token endpoint HTTP timeout.
     http_timeout: float = Field(default=10.0, alias="TOKEN_HTTP_TIMEOUT_SECONDS", gt=0)
 

@@ -8,6 +8,7 @@ token while it is still usable, or waits briefly for the new one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -16,11 +17,11 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mailbroker.errors import AwsUnavailable, InvalidIntegration, TokenError, TokenUnavailable
-from mailbroker.integrations import BasicIntegration
+from mailbroker.integrations import BasicIntegration, MicrosoftDelegatedIntegration
 from mailbroker.observability import logger
-from mailbroker.tokens.model import AccessToken, CachedToken, RefreshPolicy, Source, fingerprint
+from mailbroker.tokens.model import AccessToken, CachedToken, IssuedToken, RefreshPolicy, Source, fingerprint
 from mailbroker.tokens.providers import TokenProviders, identity_of
-from mailbroker.tokens.store import StoredState, TokenStore
+from mailbroker.tokens.store import Rotation, StoredState, TokenStore
 
 if TYPE_CHECKING:
     from mailbroker.integrations import Integration
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 PERMANENT_ERROR_HOLD = 30.0
 # force_refresh without naming the refused token does not replace a token younger than this.
 MIN_FORCE_INTERVAL = 10.0
+# Secrets Manager asks for no more than one PutSecretValue per secret every ten minutes.
+WRITE_BACK_INTERVAL = 600.0
 
 
 class TokenBroker:
@@ -43,6 +46,7 @@ class TokenBroker:
         policy: RefreshPolicy | None = None,
         lease_ttl: float = 15.0,
         lease_wait: float = 8.0,
+        write_back_interval: float = WRITE_BACK_INTERVAL,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -52,6 +56,7 @@ class TokenBroker:
         self.policy = policy or RefreshPolicy()
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
+        self.write_back_interval = write_back_interval
         self._clock = clock
         self._sleep = sleep
         self._owner = uuid.uuid4().hex
@@ -126,7 +131,7 @@ class TokenBroker:
             if lease_free and self.store.try_lease(
                 key, self._owner, now=now, ttl=self.lease_ttl, seen_version=state.version
             ):
-                return self._refresh(integration, key, label)
+                return self._refresh(integration, key, label, state)
             if usable:
                 # Another environment is refreshing: the old token is still good for a while.
                 return _answer(usable, "cache")
@@ -139,10 +144,14 @@ class TokenBroker:
             self._sleep(pause)
             pause = min(pause * 2, 0.25)
 
-    def _refresh(self, integration: Integration, key: str, label: str) -> AccessToken:
+    def _refresh(self, integration: Integration, key: str, label: str, state: StoredState) -> AccessToken:
         started = self._clock()
+        rotation: Rotation | None = None
         try:
-            issued = self.providers.fetch(integration)
+            if isinstance(integration, MicrosoftDelegatedIntegration):
+                issued, rotation = self._redeem(integration, state)
+            else:
+                issued = self.providers.fetch(integration)
         except TokenError as exc:
             self._release_after_failure(key, exc, started)
             logger.warning(
@@ -155,13 +164,7 @@ class TokenBroker:
             raise
         now = self._clock()
         token = CachedToken(issued.access_token, issued_at=now, expires_at=now + issued.expires_in)
-        try:
-            version = self.store.save(key, self._owner, token)
-        except AwsUnavailable:
-            # The provider answered: the caller gets its token even if DynamoDB did not take it.
-            # The lease expires by itself and the next environment to need a token refreshes.
-            logger.warning("token refreshed but not cached", extra={"integration": integration.id})
-            version = None
+        version = self._save(integration, key, token, rotation)
         token = replace(token, version=version or 0)
         self._memory[key] = token
         logger.info(
@@ -171,9 +174,95 @@ class TokenBroker:
                 "credential": label,
                 "lifetime_seconds": round(issued.expires_in, 3),
                 "fetch_ms": round((now - started) * 1000, 1),
+                "refresh_token_rotated": rotation is not None,
             },
         )
+        if rotation is not None and version is not None:
+            self._write_back(integration, key, rotation)
         return _answer(token, "provider")
+
+    def _save(self, integration: Any, key: str, token: CachedToken, rotation: Rotation | None) -> int | None:
+        try:
+            version = self.store.save(key, self._owner, token, rotation)
+        except AwsUnavailable:
+            # The provider answered: the caller gets its token even if DynamoDB did not take it.
+            # The lease expires by itself and the next environment to need a token refreshes. A
+            # new refresh token goes straight to the secret instead: it must not be lost.
+            logger.warning("token refreshed but not cached", extra={"integration": integration.id})
+            if rotation is not None:
+                self._write_back(integration, key, rotation, claim=False)
+            return None
+        if version is None and rotation is not None:
+            # A newer refresh token was stored meanwhile (this lease had run out): that one stays.
+            self.store.release(key, self._owner)
+        return version
+
+    # --- rotating refresh tokens (microsoft_delegated) -------------------------------------------
+
+    def _redeem(
+        self, integration: MicrosoftDelegatedIntegration, state: StoredState
+    ) -> tuple[IssuedToken, Rotation | None]:
+        """Exchange the newest refresh token: the table's, unless the secret holds one this chain
+        never had (a fresh consent). Called under the lease, with the state the lease was taken on."""
+        in_secret = integration.refresh_token.get_secret_value()
+        chain = state.refresh
+        if chain is not None and chain.knows(fingerprint(in_secret)):
+            refresh_token, seed, lineage = chain.refresh_token, chain.seed, chain.lineage
+        else:
+            refresh_token, seed, lineage = in_secret, fingerprint(in_secret), ()
+        issued = self.providers.fetch(integration, refresh_token=refresh_token)
+        if not issued.refresh_token or issued.refresh_token == refresh_token:
+            return issued, None
+        return issued, Rotation(
+            issued.refresh_token,
+            redeemed=fingerprint(refresh_token),
+            stored=chain.fingerprint if chain is not None else None,
+            seed=seed,
+            lineage=lineage,
+        )
+
+    def sync_refresh_token(self, integration: Any) -> bool:
+        """Write the newest refresh token back to the integration's secret if the secret is behind
+        and the write-back interval allows (the keeper calls this on every run)."""
+        if not isinstance(integration, MicrosoftDelegatedIntegration):
+            return False
+        key = identity_of(integration).key
+        chain = self.store.read(key).refresh
+        in_secret = fingerprint(integration.refresh_token.get_secret_value())
+        if chain is None or chain.fingerprint == in_secret or not chain.knows(in_secret):
+            return False
+        rotation = Rotation(chain.refresh_token, "", chain.fingerprint, chain.seed, chain.lineage)
+        return self._write_back(integration, key, rotation)
+
+    def _write_back(self, integration: Any, key: str, rotation: Rotation, *, claim: bool = True) -> bool:
+        """Put ``rotation.refresh_token`` into the integration's secret, at most once per
+        ``write_back_interval`` across environments (``claim``), and never over a refresh token
+        this chain does not know (an operator's fresh consent)."""
+        writer = getattr(self.integrations, "write_refresh_token", None)
+        new = fingerprint(rotation.refresh_token)
+        if writer is None or fingerprint(integration.refresh_token.get_secret_value()) == new:
+            return False
+        now = self._clock()
+        previous = None
+        known = {rotation.seed, rotation.redeemed, rotation.stored, *rotation.lineage} - {None, ""}
+        try:
+            if claim:
+                previous = self.store.claim_write_back(key, new, now=now, interval=self.write_back_interval)
+                if previous is None:
+                    return False
+            written = bool(writer(integration.id, rotation.refresh_token, known))
+        except AwsUnavailable as exc:
+            logger.warning(
+                "refresh token not written back to the secret",
+                extra={"integration": integration.id, "code": exc.code},
+            )
+            if previous is not None:
+                with contextlib.suppress(AwsUnavailable):  # the claim then lapses after the interval
+                    self.store.unclaim_write_back(key, claimed_at=now, previous=previous)
+            return False
+        if written:
+            logger.info("refresh token written back to the secret", extra={"integration": integration.id})
+        return written
 
     def _release_after_failure(self, key: str, exc: TokenError, now: float) -> None:
         if exc.retry_after:
