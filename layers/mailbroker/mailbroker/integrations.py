@@ -352,6 +352,28 @@ def _one_client_credential(model: Any, *, required: bool) -> None:
         raise ValueError("client_secret or client_certificate is required")
 
 
+def _credential_missing(data: Any, handler: Any) -> Any:
+    """Validate, and name a missing client credential as ``client_secret`` even when other fields
+    fail too (a model validator alone would only run once every field is valid)."""
+    missing = isinstance(data, dict) and not data.get("client_secret") and not data.get("client_certificate")
+    details: list[Any] = []
+    title = "integration"
+    try:
+        model = handler(data)
+    except ValidationError as exc:
+        if not missing:
+            raise
+        title = exc.title
+        details = [
+            {"type": e["type"], "loc": e["loc"], "input": e.get("input"), "ctx": e.get("ctx", {})}
+            for e in exc.errors()
+        ]
+    if not missing:
+        return model
+    details.append({"type": "missing", "loc": ("client_secret",), "input": data})
+    raise ValidationError.from_exception_data(title, details)
+
+
 class MicrosoftIntegration(_IntegrationBase):
     provider: Literal["microsoft"]
     tenant_id: str = Field(min_length=1, max_length=128)
@@ -363,6 +385,11 @@ class MicrosoftIntegration(_IntegrationBase):
     client_secret_expires_at: str | None = None
 
     _v_authority = field_validator("authority")(lambda v: _https_url(v, "authority"))
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _named_credential(cls, data: Any, handler: Any) -> Any:
+        return _credential_missing(data, handler)
 
     @model_validator(mode="after")
     def _credential(self) -> MicrosoftIntegration:
