@@ -142,7 +142,6 @@ def _rotation_run(token_server, integrations, monkeypatch, *, id, kill):
     lifetime, margin, seconds = 8.0, 3.0, 24.0  # due 5 s after issue: three lifetimes at least
     token_server.lifetime = lifetime
     monkeypatch.setenv("TOKEN_REFRESH_MIN_MARGIN_SECONDS", str(margin))
-    monkeypatch.setenv("TOKEN_LEASE_TTL_SECONDS", "5")
     monkeypatch.setenv("REFRESH_TOKEN_WRITE_BACK_SECONDS", "5")
     runtime.reset()
     client_id, first = delegated(token_server, integrations, id)

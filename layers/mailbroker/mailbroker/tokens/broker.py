@@ -149,7 +149,7 @@ class TokenBroker:
         rotation: Rotation | None = None
         try:
             if isinstance(integration, MicrosoftDelegatedIntegration):
-                issued, rotation = self._redeem(integration, state)
+                issued, rotation = self._redeem(integration, key, state)
             else:
                 issued = self.providers.fetch(integration)
         except TokenError as exc:
@@ -200,10 +200,21 @@ class TokenBroker:
     # --- rotating refresh tokens (microsoft_delegated) -------------------------------------------
 
     def _redeem(
-        self, integration: MicrosoftDelegatedIntegration, state: StoredState
+        self, integration: MicrosoftDelegatedIntegration, key: str, state: StoredState
     ) -> tuple[IssuedToken, Rotation | None]:
         """Exchange the newest refresh token: the table's, unless the secret holds one this chain
-        never had (a fresh consent). Called under the lease, with the state the lease was taken on."""
+        never had (a fresh consent). Called under the lease, with the state the lease was taken on.
+
+        The client is prepared first (MSAL's authority discovery), then the lease is renewed for the
+        one token request: a lease that ran out meanwhile may be another environment's now, and two
+        environments must never redeem the same refresh token."""
+        prepare = getattr(self.providers, "prepare", None)
+        if prepare is not None:
+            prepare(integration)
+        if not self.store.renew_lease(key, self._owner, now=self._clock(), ttl=self.lease_ttl):
+            raise TokenUnavailable(
+                f"the refresh of {integration.id!r} passed to another environment", retry_after=1.0
+            )
         in_secret = integration.refresh_token.get_secret_value()
         chain = state.refresh
         if chain is not None and chain.knows(fingerprint(in_secret)):

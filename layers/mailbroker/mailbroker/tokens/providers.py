@@ -200,6 +200,15 @@ class TokenProviders:
             return self._client_credentials(integration)
         raise TypeError(f"{type(integration).__name__} does not use OAuth2 tokens")
 
+    def prepare(self, integration: Any) -> None:
+        """Build the client now (MSAL's authority discovery), so that the token request that
+        follows is a single HTTP exchange."""
+        if isinstance(integration, MicrosoftIntegration | MicrosoftDelegatedIntegration):
+            try:
+                self._msal_app(integration)
+            except (requests.RequestException, ValueError, OSError) as exc:
+                raise self._transport_error(exc, integration.provider) from None
+
     # --- Microsoft: MSAL client credentials and refresh tokens ----------------------------------
 
     def _msal_app(self, integration: MicrosoftIntegration | MicrosoftDelegatedIntegration) -> Any:
