@@ -327,7 +327,7 @@ def test_delegated_microsoft_credential_older_than_keep_alive_is_refreshed_and_k
     deployment, token_server
 ):
     from mailbroker.handlers.keeper import build_keeper
-    from mailbroker.settings import get_settings
+    from mailbroker.settings import KeeperSettings, get_settings
 
     token_server.lifetime = 30 * 86400  # access tokens outlive the keep-alive period
     client_id = f"public-{uuid.uuid4().hex[:8]}"
@@ -348,7 +348,7 @@ def test_delegated_microsoft_credential_older_than_keep_alive_is_refreshed_and_k
     )
     now = [time.time()]
     clock = lambda: now[0]  # noqa: E731
-    settings = get_settings()
+    settings = get_settings(KeeperSettings)
     broker = runtime.build_token_broker(settings, runtime.integration_store(), clock=clock)
 
     def run_at(offset_days: float) -> dict:

@@ -138,27 +138,6 @@ class TokenStore:
             values={":owner": {"S": owner}, ":exp": {"N": repr(now + ttl)}, ":now": {"N": repr(now)}},
         )
 
-    def renew_lease(self, key: str, owner: str, *, now: float, ttl: float) -> bool:
-        """Extend this caller's live lease to ``now + ttl``; False when it has expired or passed to
-        another environment (which may be redeeming the same refresh token: this one must not)."""
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": key}},
-                UpdateExpression="SET lease_expires = :exp",
-                ConditionExpression="lease_owner = :owner AND lease_expires >= :now",
-                ExpressionAttributeValues={
-                    ":owner": {"S": owner},
-                    ":exp": {"N": repr(now + ttl)},
-                    ":now": {"N": repr(now)},
-                },
-            )
-        except self._db.exceptions.ConditionalCheckFailedException:
-            return False
-        except Exception as exc:
-            raise _aws(exc, "UpdateItem") from exc
-        return True
-
     def save(self, key: str, owner: str, token: CachedToken, rotation: Rotation | None = None) -> int | None:
         """Store a new token and release the lease. Returns the new version, or None when the
         lease had expired and passed to another environment (which will store its own).
