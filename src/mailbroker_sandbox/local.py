@@ -405,6 +405,7 @@ class Sandbox:
             ),
         )
         self._register_graph_demos(tenant, secret, add)
+        self._register_microsoft_credential_demos(tenant, add)
         # Gmail: an OAuth client and a user's refresh token.
         client_id = f"{secrets.randbelow(10**12)}-sandbox.apps.googleusercontent.com"
         client_secret = "GOCSPX-" + _secret()
@@ -495,6 +496,60 @@ class Sandbox:
             Demo("gmail-revoked", "google", "bo@gmail.example", "refresh token", "user revoked access"),
         )
         return demos
+
+    def _register_microsoft_credential_demos(
+        self, tenant: str, add: Callable[[dict[str, Any], Demo], None]
+    ) -> None:
+        """Microsoft 365 with a certificate instead of a secret, and an Outlook.com user's delegated
+        consent whose refresh token rotates on every use."""
+        from mailbroker_cli.certificates import self_signed
+
+        cert_app = str(uuid.uuid4())
+        key_pem, cert_pem = self_signed("mailbroker sandbox orders")
+        self.tokens.register_microsoft_app(tenant, cert_app, certificates=[cert_pem])
+        self.smtp.add_mailbox("orders@contoso.example", allowed_clients=[cert_app])
+        add(
+            {
+                "id": "m365-cert",
+                "provider": "microsoft",
+                "username": "orders@contoso.example",
+                "tenant_id": tenant,
+                "client_id": cert_app,
+                "client_certificate": {"private_key": key_pem, "certificate": cert_pem},
+                "authority": self.tokens.microsoft_authority(),
+            },
+            Demo(
+                "m365-cert",
+                "microsoft",
+                "orders@contoso.example",
+                "MSAL client assertion (certificate)",
+                "certificate valid 365 days",
+            ),
+        )
+        # Outlook.com: a user's delegated consent; the refresh token rotates on every use.
+        outlook_app = str(uuid.uuid4())
+        self.tokens.register_microsoft_app("consumers", outlook_app, public_client=True)
+        self.smtp.add_mailbox("ana@outlook.example")
+        add(
+            {
+                "id": "outlook",
+                "provider": "microsoft_delegated",
+                "username": "ana@outlook.example",
+                "tenant_id": "consumers",
+                "client_id": outlook_app,
+                "refresh_token": self.tokens.issue_microsoft_refresh_token(
+                    "consumers", outlook_app, "ana@outlook.example"
+                ),
+                "authority": self.tokens.microsoft_authority(),
+            },
+            Demo(
+                "outlook",
+                "microsoft_delegated",
+                "ana@outlook.example",
+                "delegated refresh token (MSAL)",
+                "rotates on every use",
+            ),
+        )
 
     def _register_graph_demos(
         self, tenant: str, secret: str, add: Callable[[dict[str, Any], Demo], None]

@@ -118,8 +118,22 @@ def demo_messages() -> list[DemoMessage]:
         ),
         DemoMessage(
             message(
-                "welcome-ana", "support-gmail", "ana@gmail.example", "friend@example.org", "Welcome aboard"
+                "ship-9001",
+                "m365-cert",
+                "orders@contoso.example",
+                "customer@example.com",
+                "Order 9001 shipped",
             ),
+            "http",
+            "delivered (certificate credential)",
+        ),
+        DemoMessage(
+            message("hello-bo", "outlook", "ana@outlook.example", "bo@example.org", "Hello from Outlook.com"),
+            "http",
+            "delivered (delegated refresh token)",
+        ),
+        DemoMessage(
+            message("welcome-ana", "support-gmail", "ana@gmail.example", "friend@example.org", "Welcome aboard"),
             "http",
             "delivered",
         ),
@@ -483,6 +497,7 @@ class Run:
             BasicIntegration,
             GoogleIntegration,
             GoogleServiceAccountIntegration,
+            MicrosoftDelegatedIntegration,
             MicrosoftIntegration,
         )
 
@@ -496,6 +511,9 @@ class Run:
             if isinstance(integration, MicrosoftIntegration):
                 count = tokens.issued(provider="microsoft", client_id=integration.client_id)
                 credential = f"app {integration.client_id[:8]}… in tenant {integration.tenant_id[:8]}…"
+            elif isinstance(integration, MicrosoftDelegatedIntegration):
+                count = tokens.issued(provider="microsoft_delegated", client_id=integration.client_id)
+                credential = f"refresh token of {integration.username} (rotated {count} time(s))"
             elif isinstance(integration, GoogleIntegration):
                 count = tokens.issued(
                     provider="google", client_id=integration.client_id, subject=integration.username

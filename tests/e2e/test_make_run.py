@@ -42,6 +42,10 @@ def section(out: str, title: str) -> str:
     return out[start : following if following != -1 else len(out)]
 
 
+# The OAuth integrations make run registers for SMTP, each with one token call.
+OAUTH_DEMOS = ("support-m365", "m365-cert", "outlook", "support-gmail", "billing-ws", "relay-oauth2")
+
+
 @pytest.mark.xdist_group("make-run")
 @pytest.mark.timeout(450)
 def test_make_run_succeeds_and_leaves_no_server_it_started_running(run):
@@ -76,7 +80,7 @@ def _processes_with(*parts: str) -> list[int]:
 @pytest.mark.xdist_group("make-run")
 def test_make_run_prints_a_redacted_token_for_each_oauth_provider(run):
     out = section(run.stdout, "▸ Tokens")
-    for integration in ("support-m365", "support-gmail", "billing-ws", "relay-oauth2"):
+    for integration in OAUTH_DEMOS:
         line = next(line for line in out.splitlines() if line.strip().startswith(integration + " "))
         assert re.search(r"…\[\d+ chars, sha256 [0-9a-f]{8}\]\s+\d+ s\s+provider\s+memory", line), line
     assert "gmail-revoked  ✗ token_invalid_grant" in out
@@ -85,7 +89,7 @@ def test_make_run_prints_a_redacted_token_for_each_oauth_provider(run):
 @pytest.mark.xdist_group("make-run")
 def test_make_run_shows_deliveries_with_server_replies_and_the_failure_with_code_and_hint(run):
     out = run.stdout
-    for message in ("order-8812", "welcome-ana", "receipt-77", "report-q3"):
+    for message in ("order-8812", "ship-9001", "hello-bo", "welcome-ana", "receipt-77", "report-q3"):
         assert re.search(rf"{message}\s+\S+\s+sent\s+1\s+250 2\.0\.0 OK <", out), message
     assert re.search(r"alert-disk\s+relay\s+sent\s+2\s+250 2\.0\.0 OK", out)  # throttled once
     assert "invoice-2211 failed for good: send_as_denied" in out
@@ -114,7 +118,7 @@ def test_make_run_delivers_over_graph_and_the_gmail_api_and_shows_a_graph_failur
 def test_make_run_drives_the_sender_as_the_event_source_mapping_does(run):
     out = run.stdout
     assert re.search(
-        r"batch 1: 9 received → 8 deleted, 1 reported in batchItemFailures, retry scheduled", out
+        r"batch 1: 11 received → 10 deleted, 1 reported in batchItemFailures, retry scheduled", out
     )
     assert "fast-forward" in out
     assert "✓ send queue empty" in out
@@ -123,21 +127,14 @@ def test_make_run_drives_the_sender_as_the_event_source_mapping_does(run):
 @pytest.mark.xdist_group("make-run")
 def test_make_run_shows_health_alerts_and_token_calls_per_credential(run):
     out = run.stdout
-    assert "summary: checked 9, healthy 8, refreshed 0, unhealthy 1 (gmail-revoked), alerts 2" in out
+    assert "summary: checked 11, healthy 10, refreshed 0, unhealthy 1 (gmail-revoked), alerts 2" in out
     assert re.search(r"support-graph\s+healthy\s+.*\byes\b", out)  # the Graph live check ran
     assert re.search(r"gmail-revoked\s+unhealthy\s+.*token_invalid_grant", out)
     assert "mailbroker: gmail-revoked needs re-consent" in out
     assert "run: mailbroker consent google gmail-revoked" in out
     assert "mailbroker: client secret of support-m365 expires" in out
     calls = section(out, "▸ Token calls per credential")
-    for integration in (
-        "support-m365",
-        "support-graph",
-        "support-gmail",
-        "billing-ws",
-        "news-ws",
-        "relay-oauth2",
-    ):
+    for integration in (*OAUTH_DEMOS, "support-graph", "news-ws"):
         assert re.search(rf"^\s+{re.escape(integration)}\s+.+\s1$", calls, re.MULTILINE), integration
 
 
