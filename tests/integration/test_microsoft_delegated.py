@@ -212,6 +212,8 @@ def assert_rotation_held(run, token_server):
     assert run["secret"] != run["first"]  # written back, within the interval
 
 
+@pytest.mark.slow  # sixteen interpreters: over a minute on a loaded machine (make test-long)
+@pytest.mark.timeout(900)
 def test_sixteen_environments_rotate_a_delegated_refresh_token_without_losing_it(
     token_server, integrations, monkeypatch
 ):
@@ -220,6 +222,8 @@ def test_sixteen_environments_rotate_a_delegated_refresh_token_without_losing_it
     assert_rotation_held(run, token_server)
 
 
+@pytest.mark.slow  # sixteen interpreters: over a minute on a loaded machine (make test-long)
+@pytest.mark.timeout(900)
 def test_an_environment_killed_right_after_a_refresh_strands_nothing(token_server, integrations, monkeypatch):
     run = _rotation_run(token_server, integrations, monkeypatch, id="outlook-kill", kill=True)
 
