@@ -160,7 +160,7 @@ def test_make_run_prints_no_credential(run):
 @pytest.mark.xdist_group("make-run")
 def test_make_run_prints_the_delivery_events_the_rules_sqs_target_received(run):
     out = section(run.stdout, "▸ Delivery events")
-    for message in ("order-8812", "welcome-ana", "receipt-77", "report-q3"):
+    for message in ("order-8812", "ship-9001", "hello-bo", "welcome-ana", "receipt-77", "report-q3"):
         assert re.search(rf"Message Sent\s+{message}\s+sent\s+1\s+\S+\s+250 2\.0\.0 OK <", out), message
     assert re.search(r"Message Failed\s+invoice-2211\s+failed\s+1\s+\S+\s+send_as_denied", out)
     assert re.search(r"Message Retrying\s+alert-disk\s+retrying\s+1\s+\S+\s+throttled", out)
@@ -171,4 +171,4 @@ def test_make_run_prints_the_delivery_events_the_rules_sqs_target_received(run):
     assert re.search(r"Message Sent\s+order-8813\s+sent\s+1\s+\S+\s+202 Accepted request-id=", out)
     assert re.search(r"Message Sent\s+newsletter-11\s+sent\s+1\s+\S+\s+200 id=", out)
     assert re.search(r"Message Failed\s+quote-5120\s+failed\s+1\s+\S+\s+graph_access_denied", out)
-    assert "11 event(s) on the rule's SQS target" in out
+    assert "13 event(s) on the rule's SQS target" in out
