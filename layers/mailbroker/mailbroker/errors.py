@@ -620,11 +620,7 @@ def classify_token_error(
             f"{what} refused the client certificate: {desc}".rstrip(": "),
             code="token_certificate_expired" if expired else "token_certificate_unknown",
         )
-    if (
-        error == "invalid_grant"
-        and provider == "microsoft_delegated"
-        or (provider == "microsoft_delegated" and codes & _AAD_RECONSENT)
-    ):
+    if provider == "microsoft_delegated" and (error == "invalid_grant" or codes & _AAD_RECONSENT):
         return TokenError(
             f"{what} answered invalid_grant: {desc}".rstrip(": "),
             code="token_invalid_grant",
