@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from mailbroker.errors import InvalidIntegration, UnknownIntegration
-from mailbroker.integrations import parse_integration, unredacted
+from mailbroker.integrations import (
+    MicrosoftDelegatedIntegration,
+    MicrosoftIntegration,
+    parse_integration,
+    unredacted,
+)
 from mailbroker.tokens.credentials import certificate_facts
 
 from mailbroker_cli.context import CliError, Context
@@ -22,7 +27,6 @@ from mailbroker_cli.integrations import report_invalid
 from mailbroker_cli.output import Output
 
 DEFAULT_DAYS = 365
-CERTIFICATE_PROVIDERS = ("microsoft", "microsoft_delegated")
 
 
 def self_signed(common_name: str, *, days: int = DEFAULT_DAYS, key_size: int = 2048) -> tuple[str, str]:
@@ -104,12 +108,13 @@ def create_certificate(args: argparse.Namespace, ctx: Context, out: Output) -> i
         ) from None
     except InvalidIntegration as exc:
         return report_invalid(exc, out, from_flags=False)
-    if existing.provider not in CERTIFICATE_PROVIDERS:
+    if not isinstance(existing, MicrosoftIntegration | MicrosoftDelegatedIntegration):
         raise CliError(
             f"integration {args.id!r} is a {existing.provider} integration; certificates are for Microsoft"
         )
     path = Path(args.out or f"{args.id}.cer").resolve()
     key_pem, cert_pem = self_signed(f"mailbroker {args.id}", days=args.days)
+    client_id = existing.client_id
     document = unredacted(existing)
     document.pop("client_secret", None)
     document.pop("client_secret_expires_at", None)
@@ -143,7 +148,7 @@ def create_certificate(args: argparse.Namespace, ctx: Context, out: Output) -> i
     out.line(f"  thumbprint {facts.thumbprint_sha1}, valid until {facts.not_after_iso}")
     out.note(
         "Upload it: Entra admin center > App registrations > your app "
-        f"({integration.client_id}) > Certificates & secrets > Certificates > Upload certificate > {path}"
+        f"({client_id}) > Certificates & secrets > Certificates > Upload certificate > {path}"
     )
     out.note(f"then check it: mailbroker doctor {integration.id}")
     return 0

@@ -20,6 +20,7 @@ from mailbroker.errors import InvalidIntegration, UnknownIntegration, classify_t
 from mailbroker.integrations import (
     DEFAULT_DELEGATED_SCOPE,
     DEFAULT_MICROSOFT_AUTHORITY,
+    MicrosoftDelegatedIntegration,
     parse_integration,
     unredacted,
 )
@@ -154,6 +155,8 @@ def _msal_app(document: dict[str, Any]) -> Any:
     from mailbroker.tokens.credentials import msal_credential
 
     integration = parse_integration(document | {"refresh_token": "placeholder"})
+    if not isinstance(integration, MicrosoftDelegatedIntegration):
+        raise CliError(f"integration {integration.id!r} is not a microsoft_delegated integration")
     credential, assertion = msal_credential(integration)
     options: dict[str, Any] = {
         "authority": f"{integration.authority}/{integration.tenant_id}",

@@ -127,7 +127,10 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
         f"(secret {ctx.integrations.secret_name(integration_id)})",
     )
     yield from expiry_steps(integration, time.time())
-    if getattr(integration, "client_certificate", None) is not None:
+    if (
+        isinstance(integration, MicrosoftIntegration | MicrosoftDelegatedIntegration)
+        and integration.client_certificate is not None
+    ):
         yield certificate_step(integration.client_certificate)
     token: str | None = None
     if isinstance(integration, BasicIntegration):
@@ -186,9 +189,7 @@ def fresh_delegated_token(ctx: Context, integration: Any) -> FreshToken:
     from mailbroker import runtime
     from mailbroker.settings import TokenCacheEnv
 
-    broker = runtime.build_token_broker(
-        ctx.needs(TokenCacheEnv), ctx.integrations, dynamodb=ctx.client("dynamodb"), kms=ctx.client("kms")
-    )
+    broker = runtime.build_token_broker(ctx.needs(TokenCacheEnv), ctx.integrations)
     token = broker.token_for_integration(integration, force_refresh=True)
     return FreshToken(token.access_token, max(token.expires_at - time.time(), 0.0))
 

@@ -133,7 +133,9 @@ def demo_messages() -> list[DemoMessage]:
             "delivered (delegated refresh token)",
         ),
         DemoMessage(
-            message("welcome-ana", "support-gmail", "ana@gmail.example", "friend@example.org", "Welcome aboard"),
+            message(
+                "welcome-ana", "support-gmail", "ana@gmail.example", "friend@example.org", "Welcome aboard"
+            ),
             "http",
             "delivered",
         ),

@@ -976,7 +976,7 @@ class TokenServer:
         return jwk
 
     # Entra ID's refusals in the order it checks them, each one early return with its AADSTS code.
-    def _microsoft_token(self, req: _Request, tenant: str) -> _Reply:  # noqa: C901
+    def _microsoft_token(self, req: _Request, tenant: str) -> _Reply:
         form = req.form
         grant_type = form.get("grant_type")
         if not grant_type:

@@ -30,7 +30,6 @@ DEFAULT_MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
 # Delegated (a user's consent): SMTP, and Graph's sendMail once a message leaves through Graph.
 DEFAULT_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send offline_access"
-DELEGATED_GRAPH_SCOPE = "https://graph.microsoft.com/Mail.Send offline_access"
 DEFAULT_GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
 

@@ -177,11 +177,17 @@ class TokenBroker:
                 "refresh_token_rotated": rotation is not None,
             },
         )
-        if rotation is not None and version is not None:
+        if (
+            rotation is not None
+            and version is not None
+            and isinstance(integration, MicrosoftDelegatedIntegration)
+        ):
             self._write_back(integration, key, rotation)
         return _answer(token, "provider")
 
-    def _save(self, integration: Any, key: str, token: CachedToken, rotation: Rotation | None) -> int | None:
+    def _save(
+        self, integration: Integration, key: str, token: CachedToken, rotation: Rotation | None
+    ) -> int | None:
         try:
             version = self.store.save(key, self._owner, token, rotation)
         except AwsUnavailable:
@@ -189,7 +195,7 @@ class TokenBroker:
             # The lease expires by itself and the next environment to need a token refreshes. A
             # new refresh token goes straight to the secret instead: it must not be lost.
             logger.warning("token refreshed but not cached", extra={"integration": integration.id})
-            if rotation is not None:
+            if rotation is not None and isinstance(integration, MicrosoftDelegatedIntegration):
                 self._write_back(integration, key, rotation, claim=False)
             return None
         if version is None and rotation is not None:
@@ -232,7 +238,7 @@ class TokenBroker:
             lineage=lineage,
         )
 
-    def sync_refresh_token(self, integration: Any) -> bool:
+    def sync_refresh_token(self, integration: Integration) -> bool:
         """Write the newest refresh token back to the integration's secret if the secret is behind
         and the write-back interval allows (the keeper calls this on every run)."""
         if not isinstance(integration, MicrosoftDelegatedIntegration):
@@ -245,7 +251,9 @@ class TokenBroker:
         rotation = Rotation(chain.refresh_token, "", chain.fingerprint, chain.seed, chain.lineage)
         return self._write_back(integration, key, rotation)
 
-    def _write_back(self, integration: Any, key: str, rotation: Rotation, *, claim: bool = True) -> bool:
+    def _write_back(
+        self, integration: MicrosoftDelegatedIntegration, key: str, rotation: Rotation, *, claim: bool = True
+    ) -> bool:
         """Put ``rotation.refresh_token`` into the integration's secret, at most once per
         ``write_back_interval`` across environments (``claim``), and never over a refresh token
         this chain does not know (an operator's fresh consent)."""
