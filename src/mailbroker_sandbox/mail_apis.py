@@ -357,7 +357,10 @@ class MailApiServer:
             with self._lock:
                 self.tokens_refused += 1
             raise _Refused(_graph_error("401", "Access token validation failure. Invalid audience."))
-        delegated = "Mail.Send" in str(claims.get("scope") or "").split() and claims.get("sub")
+        # A delegated token's scope as Graph reads it (``scp``): the permission names, without the
+        # resource the client asked for them on (https://graph.microsoft.com/Mail.Send).
+        scp = {scope.rsplit("/", 1)[-1] for scope in str(claims.get("scope") or "").split()}
+        delegated = "Mail.Send" in scp and claims.get("sub")
         if "Mail.Send" not in (claims.get("roles") or []) and not delegated:
             raise _Refused(_graph_error("403"))
         return claims

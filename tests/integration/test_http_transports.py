@@ -165,6 +165,43 @@ def test_graph_refreshes_the_token_once_on_401_and_sends(
     assert api_deliveries(mail_api_server, message["id"]) == 1
 
 
+def test_a_delegated_microsoft_consent_sends_through_graph_and_rotates_its_refresh_token(
+    mail_pipeline: MailPipeline, mail_api_server: MailApiServer
+) -> None:
+    integration_id = mail_pipeline.add(
+        "microsoft_delegated",
+        name="graph-delegated",
+        transport="graph",
+        graph_endpoint=mail_api_server.base_url,
+    )
+    mail_api_server.add_mailbox(SENDER)
+    integration = mail_pipeline.integrations.get(integration_id)
+    client_id = mail_pipeline.client_id(integration_id)
+    assert integration.scope == "https://graph.microsoft.com/Mail.Send offline_access"
+    mail_pipeline.tokens.reset_counts()
+    mail_api_server.fail_next("graph", "401")  # the 401 retry redeems the rotated refresh token
+
+    message, _ = send_one(mail_pipeline, integration_id)
+
+    assert mail_pipeline.status(message["id"])["status"] == "sent"
+    assert api_deliveries(mail_api_server, message["id"]) == 1
+    assert mail_pipeline.tokens.issued(provider="microsoft_delegated", client_id=client_id) == 2
+    assert mail_pipeline.tokens.refresh_token_reuse == 0
+    assert mail_pipeline.tokens.live_microsoft_refresh_tokens(client_id) == 1
+    [received] = mail_api_server.received
+    assert received.api == "graph"
+
+    # The live check reads the delegated scope from the token and probes Graph, sending nothing.
+    from mailbroker import runtime
+    from mailbroker.keeper import live_check
+
+    steps = live_check(integration, runtime.token_broker())
+    assert all(step.ok for step in steps), steps
+    assert any(step.detail == "delegated scope Mail.Send" for step in steps)
+    assert len(mail_api_server.received) == 1
+    assert mail_pipeline.tokens.refresh_token_reuse == 0
+
+
 def test_graph_fails_for_good_when_a_fresh_token_is_refused_too(
     mail_pipeline: MailPipeline, mail_api_server: MailApiServer
 ) -> None:
