@@ -20,6 +20,7 @@ from mailbroker.errors import InvalidIntegration, UnknownIntegration, classify_t
 from mailbroker.integrations import (
     DEFAULT_DELEGATED_SCOPE,
     DEFAULT_MICROSOFT_AUTHORITY,
+    Integration,
     MicrosoftDelegatedIntegration,
     parse_integration,
     unredacted,
@@ -52,7 +53,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     microsoft.add_argument("--smtp-port", type=int, help="default 587")
     microsoft.add_argument("--security", choices=("starttls", "tls", "none"))
     microsoft.add_argument("--authority", help=f"default {DEFAULT_MICROSOFT_AUTHORITY}")
-    microsoft.add_argument("--scope", help=f"default {DEFAULT_DELEGATED_SCOPE}")
+    microsoft.add_argument(
+        "--transport",
+        choices=("smtp", "graph"),
+        help="how mail leaves (default smtp); graph asks for the scope "
+        "https://graph.microsoft.com/Mail.Send offline_access",
+    )
+    microsoft.add_argument("--scope", help=f"default {DEFAULT_DELEGATED_SCOPE} (for smtp)")
     flows = microsoft.add_mutually_exclusive_group()
     flows.add_argument("--device-code", action="store_true", help="device code flow (the default)")
     flows.add_argument(
@@ -84,11 +91,12 @@ def consent_microsoft(args: argparse.Namespace, ctx: Context, out: Output) -> in
         )
     document = _document(args, existing)
     try:
-        parse_integration(document | {"refresh_token": "placeholder"})  # every other field, before signing in
+        # every other field, before signing in; the scope follows the transport unless given
+        planned = parse_integration(document | {"refresh_token": "placeholder"})
     except InvalidIntegration as exc:
         return report_invalid(exc, out, from_flags=True)
     app = _msal_app(document)
-    scopes = [s for s in document.get("scope", DEFAULT_DELEGATED_SCOPE).split() if s not in _RESERVED]
+    scopes = _scopes(planned)
     if args.browser is not None:
         result = _browser_flow(app, scopes, document.get("username"), args, out)
     else:
@@ -110,6 +118,17 @@ def consent_microsoft(args: argparse.Namespace, ctx: Context, out: Output) -> in
     return 0
 
 
+def _scopes(integration: Integration) -> list[str]:
+    """What to ask the user for: the integration's scope (its transport's by default), without the
+    scopes MSAL adds itself."""
+    scope = (
+        integration.scope
+        if isinstance(integration, MicrosoftDelegatedIntegration)
+        else DEFAULT_DELEGATED_SCOPE
+    )
+    return [s for s in scope.split() if s not in _RESERVED]
+
+
 def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
     document: dict[str, Any] = (
         unredacted(existing)
@@ -121,7 +140,9 @@ def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
         }
     )
     document.pop("refresh_token", None)
-    for key in ("tenant_id", "client_id", "username", "authority", "scope"):
+    if args.transport and not args.scope:
+        document.pop("scope", None)  # the new transport's own scope
+    for key in ("tenant_id", "client_id", "username", "authority", "scope", "transport"):
         if getattr(args, key):
             document[key] = getattr(args, key)
     if args.client_secret:

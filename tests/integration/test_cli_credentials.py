@@ -122,6 +122,33 @@ def test_consent_microsoft_device_code_stores_the_refresh_token_without_printing
     assert cli.tokens.refresh_token_reuse == 0
 
 
+def test_consent_microsoft_for_graph_asks_for_mail_send_and_doctor_sends_nothing_through_graph(
+    cli,  # noqa: F811
+    mail_api_server,
+):
+    flags = _public_app(cli, "public-graph")
+    cli.tokens.consent_user = "bo@outlook.example"
+    mail_api_server.add_mailbox("bo@outlook.example")
+
+    code, _, err = cli(
+        "consent", "microsoft", "outlook-graph", *flags, "--transport", "graph", "--timeout", "30"
+    )
+    stored = cli.store.get("outlook-graph")
+    document = unredacted(stored) | {"graph_endpoint": mail_api_server.base_url}
+    cli.store.put(parse_integration(document))
+    doctor_code, report = cli.json("doctor", "outlook-graph")
+
+    steps = {step["name"]: step for step in report["steps"]}
+    assert code == 0, err
+    assert stored.transport == "graph"
+    assert stored.scope == "https://graph.microsoft.com/Mail.Send offline_access"
+    assert doctor_code == 0, report
+    assert steps["role"]["detail"] == "delegated scope Mail.Send"
+    assert steps["api"]["ok"] is True
+    assert mail_api_server.received == []
+    assert cli.tokens.refresh_token_reuse == 0
+
+
 def test_consent_microsoft_in_the_browser_uses_pkce_on_a_loopback_redirect(cli, form_post_browser):  # noqa: F811
     flags = _public_app(cli, "public-browser")
 
