@@ -12,7 +12,6 @@ refresh token goes straight into the integration's secret and is never printed.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ from mailbroker.integrations import (
 )
 
 from mailbroker_cli.context import CliError, Context
-from mailbroker_cli.integrations import parse_sender, report_invalid
+from mailbroker_cli.integrations import parse_sender, report_invalid, secret_from_flags
 from mailbroker_cli.output import Output
 
 _RESERVED = frozenset({"offline_access", "openid", "profile"})
@@ -46,7 +45,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     microsoft.add_argument("id")
     microsoft.add_argument("--tenant-id", help="directory id, or common, organizations, consumers")
     microsoft.add_argument("--client-id")
-    microsoft.add_argument("--client-secret", metavar="SECRET|-", help="a confidential client's secret")
+    microsoft.add_argument(
+        "--client-secret", metavar="-", help="'-' reads a confidential client's secret from stdin"
+    )
+    microsoft.add_argument("--client-secret-file", metavar="FILE", help="read the client secret from FILE")
     microsoft.add_argument("--username", help="the mailbox (login hint)")
     microsoft.add_argument("--sender", action="append", metavar="EMAIL[=NAME]")
     microsoft.add_argument("--smtp-host", help="default smtp.office365.com")
@@ -145,9 +147,8 @@ def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
     for key in ("tenant_id", "client_id", "username", "authority", "scope", "transport"):
         if getattr(args, key):
             document[key] = getattr(args, key)
-    if args.client_secret:
-        from_stdin = args.client_secret == "-"  # noqa: S105 (the stdin marker, not a secret)
-        secret = sys.stdin.readline().strip() if from_stdin else args.client_secret
+    secret = secret_from_flags(args, "client_secret")
+    if secret:
         document["client_secret"] = secret
         document.pop("client_certificate", None)
     if args.sender:

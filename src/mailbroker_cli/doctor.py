@@ -15,7 +15,9 @@ from typing import Any
 
 from mailbroker.diagnosis import ENTRA_ADMIN_CONSENT, microsoft_admin_consent_url
 from mailbroker.errors import (
+    AwsUnavailable,
     MailbrokerError,
+    aws_error_code,
     classify_exception,
     classify_token_error,
     classify_transport_error,
@@ -190,7 +192,20 @@ def fresh_delegated_token(ctx: Context, integration: Any) -> FreshToken:
     from mailbroker.settings import TokenCacheEnv
 
     broker = runtime.build_token_broker(ctx.needs(TokenCacheEnv), ctx.integrations)
-    token = broker.token_for_integration(integration, force_refresh=True)
+    try:
+        token = broker.token_for_integration(integration, force_refresh=True)
+    except AwsUnavailable as exc:
+        if exc.__cause__ is None or aws_error_code(exc.__cause__) != "AccessDeniedException":
+            raise
+        # The key policy keeps the token cache's KMS context to the three functions, and the newest
+        # refresh token is sealed in it: an operator's credentials may not open it.
+        raise AwsUnavailable(
+            f"{exc.message}: the token cache's key serves the functions only",
+            hint="A delegated refresh token rotates, and its newest one is sealed in the token cache, "
+            "which only the functions may open (the key policy). The keeper refreshes and checks it on "
+            f"every run: see its health with 'mailbroker integration list', or run the live check "
+            f"through the API (POST /v1/integrations/{integration.id}/check).",
+        ) from None
     return FreshToken(token.access_token, max(token.expires_at - time.time(), 0.0))
 
 

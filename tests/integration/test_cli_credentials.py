@@ -122,6 +122,45 @@ def test_consent_microsoft_device_code_stores_the_refresh_token_without_printing
     assert cli.tokens.refresh_token_reuse == 0
 
 
+class _DeniedKms:
+    """KMS as an operator meets it under the key policy: the token cache's context is refused."""
+
+    def __getattr__(self, name):
+        from botocore.exceptions import ClientError
+
+        def refuse(**_):
+            error = {"Error": {"Code": "AccessDeniedException", "Message": "denied by the key policy"}}
+            raise ClientError(error, name)
+
+        return refuse
+
+
+def test_doctor_says_why_an_operator_cannot_open_a_delegated_credentials_token_cache(
+    cli,  # noqa: F811
+    monkeypatch,
+):
+    from mailbroker import runtime
+
+    flags = _public_app(cli, "public-denied")
+    cli.smtp.add_mailbox("bo@outlook.example")
+    cli.tokens.consent_user = "bo@outlook.example"
+    assert cli("consent", "microsoft", "outlook-denied", *flags, "--timeout", "30")[0] == 0
+    assert cli("doctor", "outlook-denied")[0] == 0  # the newest refresh token now lives in the table
+    issued = cli.tokens.issued(provider="microsoft_delegated", client_id="public-denied")
+    real = runtime.aws_client
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "aws_client", lambda s: _DeniedKms() if s == "kms" else real(s))
+        code, report = cli.json("doctor", "outlook-denied")
+
+    steps = {step["name"]: step for step in report["steps"]}
+    assert code == 1
+    assert steps["token"]["code"] == "aws_unavailable"
+    assert "functions only" in steps["token"]["detail"]
+    assert "POST /v1/integrations/outlook-denied/check" in steps["token"]["hint"]
+    assert cli.tokens.issued(provider="microsoft_delegated", client_id="public-denied") == issued
+    assert cli.tokens.refresh_token_reuse == 0
+
+
 def test_consent_microsoft_for_graph_asks_for_mail_send_and_doctor_sends_nothing_through_graph(
     cli,  # noqa: F811
     mail_api_server,
@@ -179,3 +218,13 @@ def test_consent_microsoft_refused_by_the_user_stores_nothing(cli):  # noqa: F81
 
     assert code == 2 and "declined" in err
     assert "outlook-refused" not in cli.store.list_ids()
+
+
+def test_consent_microsoft_refuses_a_client_secret_on_the_command_line(cli):  # noqa: F811
+    flags = _public_app(cli, "public-literal")
+
+    code, out, err = cli("consent", "microsoft", "outlook-literal", *flags, "--client-secret", "literal-9f3e")
+
+    assert code == 2 and "--client-secret takes '-'" in err
+    assert "literal-9f3e" not in out + err
+    assert "outlook-literal" not in cli.store.list_ids()
