@@ -118,22 +118,6 @@ def demo_messages() -> list[DemoMessage]:
         ),
         DemoMessage(
             message(
-                "ship-9001",
-                "m365-cert",
-                "orders@contoso.example",
-                "customer@example.com",
-                "Order 9001 shipped",
-            ),
-            "http",
-            "delivered (certificate credential)",
-        ),
-        DemoMessage(
-            message("hello-bo", "outlook", "ana@outlook.example", "bo@example.org", "Hello from Outlook.com"),
-            "http",
-            "delivered (delegated refresh token)",
-        ),
-        DemoMessage(
-            message(
                 "welcome-ana", "support-gmail", "ana@gmail.example", "friend@example.org", "Welcome aboard"
             ),
             "http",
@@ -155,6 +139,22 @@ def demo_messages() -> list[DemoMessage]:
             message("alert-disk", "relay", "alerts@relay.example", THROTTLED_RECIPIENT, "Disk 91% full"),
             "http",
             "throttled once (450 4.2.1), then delivered",
+        ),
+        DemoMessage(
+            message(
+                "ship-9001",
+                "m365-cert",
+                "orders@contoso.example",
+                "customer@example.com",
+                "Order 9001 shipped",
+            ),
+            "http",
+            "delivered (certificate credential)",
+        ),
+        DemoMessage(
+            message("hello-bo", "outlook", "ana@outlook.example", "bo@example.org", "Hello from Outlook.com"),
+            "http",
+            "delivered (delegated refresh token)",
         ),
     ]
 
