@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.fixtures.aws",
     "tests.fixtures.pipeline",
     "tests.fixtures.mail_apis",
+    "tests.fixtures.federation",
 ]
 
 

@@ -52,6 +52,11 @@ from mailbroker_sandbox.client_assertions import (
     SeenAssertions,
     verify_client_assertion,
 )
+from mailbroker_sandbox.federated_credentials import (
+    FederatedCredential,
+    is_federated_assertion,
+    verify_federated_assertion,
+)
 from mailbroker_sandbox.https import LoopbackHTTPSServer
 
 _log = logging.getLogger(__name__)
@@ -101,6 +106,7 @@ class _MicrosoftApp:
     graph_roles: tuple[str, ...] = ("Mail.Send",)  # Microsoft Graph application permissions granted
     certificates: tuple[RegisteredCertificate, ...] = ()
     public_client: bool = False  # "Allow public client flows": delegated grants without a credential
+    federated: tuple[FederatedCredential, ...] = ()  # workload identity federation
 
 
 @dataclass
@@ -394,6 +400,7 @@ class TokenServer:
         self._issue_log: list[tuple[str, str, str | None]] = []
         self._request_count = 0
         self._faults: list[_Fault] = []
+        self._issuer_tls = ca.client_context()  # how it fetches a federated issuer's keys
         self._httpd = _HTTPSServer(self, ca.server_context(), _Handler, socket_timeout=_SOCKET_TIMEOUT)
         self.base_url = f"https://127.0.0.1:{self._httpd.server_port}"
 
@@ -516,6 +523,22 @@ class TokenServer:
         with self._lock:
             app = self._ms_apps[(tenant_id.lower(), client_id)]
             app.certificates = (*app.certificates, RegisteredCertificate.from_pem(certificate_pem))
+
+    def add_microsoft_federated_credential(
+        self,
+        tenant_id: str,
+        client_id: str,
+        *,
+        issuer: str,
+        subject: str,
+        audience: str = "api://AzureADTokenExchange",
+    ) -> None:
+        """Add a federated identity credential to a registered app (Certificates & secrets >
+        Federated credentials > Other issuer)."""
+        with self._lock:
+            app = self._ms_apps[(tenant_id.lower(), client_id)]
+            credential = FederatedCredential(issuer=issuer, subject=subject, audiences=(audience,))
+            app.federated = (*app.federated, credential)
 
     def issue_microsoft_refresh_token(
         self,
@@ -1045,6 +1068,8 @@ class TokenServer:
                 return self._ms_error(
                     400, "invalid_request", 900144, "Unsupported or mixed client authentication.", req
                 )
+            if is_federated_assertion(assertion, app.client_id):
+                return self._ms_federated(req, app, assertion)
             try:
                 verify_client_assertion(
                     assertion,
@@ -1080,6 +1105,14 @@ class TokenServer:
             "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
             req,
         )
+
+    def _ms_federated(self, req: _Request, app: _MicrosoftApp, assertion: str) -> _Reply | None:
+        try:
+            verify_federated_assertion(assertion, app.federated, self._issuer_tls)
+        except AssertionRefused as refused:
+            _log.debug("refused client %s: federated assertion (AADSTS%s)", app.client_id, refused.code)
+            return self._ms_error(400, "invalid_client", refused.code, refused.text, req)
+        return None
 
     def _ms_client_credentials(self, req: _Request, app: _MicrosoftApp, auth: _ClientAuth) -> _Reply:
         scope = (req.form.get("scope") or "").strip()

@@ -156,6 +156,42 @@ TOKEN_SIGNATURES: tuple[TokenSignature, ...] = (
         providers=MICROSOFT,
         aadsts=frozenset({7000215, 7000218, 700027}),
     ),
+    # Entra ID: keyless, a federated identity credential on the app registration.
+    TokenSignature(
+        "token_federation_mismatch",
+        "Entra found no federated identity credential on app {client_id} whose issuer matches the "
+        "function's AWS token (AADSTS700211): add one whose Issuer is this account's issuer URL "
+        "('aws iam get-outbound-web-identity-federation-info'); 'mailbroker setup microsoft "
+        "{integration} --federated' prints the Graph call.",
+        providers=MICROSOFT,
+        aadsts=frozenset({700211}),
+    ),
+    TokenSignature(
+        "token_federation_mismatch",
+        "The federated identity credential on app {client_id} expects another audience (AADSTS700212): "
+        "set its Audience and the integration's federated.audience to the same value "
+        "(api://AzureADTokenExchange).",
+        providers=MICROSOFT,
+        aadsts=frozenset({700212}),
+    ),
+    TokenSignature(
+        "token_federation_mismatch",
+        "The federated identity credential on app {client_id} names another subject (AADSTS700213): "
+        "its Subject must be the ARN of the function's role, exactly as 'mailbroker setup microsoft "
+        "{integration} --federated' prints it (the stack's TokenBrokerRoleArn, KeeperRoleArn and "
+        "SenderRoleArn outputs; one credential per role).",
+        providers=MICROSOFT,
+        aadsts=frozenset({700213}),
+    ),
+    TokenSignature(
+        "token_federation_mismatch",
+        "App {client_id} has no federated identity credential matching the function's AWS token "
+        "(AADSTS70021): add one in App registrations > {client_id} > Certificates & secrets > "
+        "Federated credentials (Other issuer), with the issuer, subject and audience 'mailbroker setup "
+        "microsoft {integration} --federated' prints.",
+        providers=MICROSOFT,
+        aadsts=frozenset({70021}),
+    ),
     TokenSignature(
         "consent_required",
         "The tenant '{tenant}' has no consent for Office 365 Exchange Online (AADSTS500011 / 65001): "
@@ -277,6 +313,24 @@ TOKEN_SIGNATURES: tuple[TokenSignature, ...] = (
         "Google refused the service account's assertion for {mailbox}: check that 'subject' is an "
         "active user and that delegation is granted to client {client_id} with https://mail.google.com/.",
         providers=GOOGLE_SERVICE_ACCOUNT,
+        error="invalid_grant",
+    ),
+    # Google: keyless, the STS exchange of the AWS token through a workload identity pool provider.
+    TokenSignature(
+        "token_federation_mismatch",
+        "Google's STS knows no enabled workload identity pool provider for this audience: check "
+        "workload_identity.audience against 'gcloud iam workload-identity-pools providers describe' "
+        "(the full name, with the project number).",
+        providers=frozenset({"google_workload_identity"}),
+        error="invalid_target",
+    ),
+    TokenSignature(
+        "token_federation_mismatch",
+        "Google's STS rejected the function's AWS token: the provider's issuer URI must be this "
+        "account's issuer URL, its allowed audiences must include the token's audience, and its "
+        "attribute condition must accept the role ARN ('mailbroker setup google {integration} "
+        "--workload-identity' prints the provider to create).",
+        providers=frozenset({"google_workload_identity"}),
         error="invalid_grant",
     ),
     # Any provider: RFC 6749 errors with the catalogue's hint.

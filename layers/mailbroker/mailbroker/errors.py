@@ -128,6 +128,44 @@ CATALOGUE: dict[str, ErrorKind] = _kinds(
         "certificate to the app registration, then remove the old one.",
     ),
     ErrorKind(
+        "federation_disabled",
+        False,
+        502,
+        "AWS outbound identity federation is not enabled in this account, so STS GetWebIdentityToken "
+        "gives the function no JWT: run 'aws iam enable-outbound-web-identity-federation' once per "
+        "account, then 'mailbroker setup microsoft <id> --federated' or 'mailbroker setup google <id> "
+        "--workload-identity' to see the issuer URL to trust.",
+    ),
+    ErrorKind(
+        "federation_not_permitted",
+        False,
+        502,
+        "The function's role may not call sts:GetWebIdentityToken for this audience: deploy the stack "
+        "with the audience in the KeylessAudiences parameter (api://AzureADTokenExchange for Entra, "
+        "https://iam.googleapis.com/projects/... for a Google workload identity provider).",
+    ),
+    ErrorKind(
+        "token_federation_mismatch",
+        False,
+        502,
+        "The provider did not accept the function's AWS web identity token: its issuer, subject (the "
+        "role ARN) or audience does not match what was registered (Entra: a federated identity "
+        "credential on the app registration, AADSTS70021/700211/700212/700213; Google: the workload "
+        "identity pool provider's issuer, allowed audience and attribute condition). 'mailbroker setup "
+        "microsoft <id> --federated' or 'mailbroker setup google <id> --workload-identity' prints the "
+        "exact values.",
+    ),
+    ErrorKind(
+        "token_impersonation_denied",
+        False,
+        502,
+        "Google IAM refused to let the workload identity act as the service account "
+        "(iam.serviceAccounts.getAccessToken or iam.serviceAccounts.signJwt denied): grant the pool's "
+        "principal roles/iam.workloadIdentityUser and the service account roles/iam."
+        "serviceAccountTokenCreator on itself ('mailbroker setup google <id> --workload-identity' "
+        "prints both commands), and enable the IAM Service Account Credentials API.",
+    ),
+    ErrorKind(
         "token_unavailable",
         True,
         503,

@@ -32,6 +32,11 @@ DEFAULT_MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
 DEFAULT_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send offline_access"
 DEFAULT_GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
+# Keyless: the audience Entra expects in a federated identity credential's token, and Google's
+# Security Token Service and IAM Credentials API.
+ENTRA_TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"  # noqa: S105 (an audience)
+DEFAULT_GOOGLE_STS_ENDPOINT = "https://sts.googleapis.com/v1/token"
+DEFAULT_IAMCREDENTIALS_ENDPOINT = "https://iamcredentials.googleapis.com"
 
 DEFAULT_GRAPH_ENDPOINT = "https://graph.microsoft.com"
 DEFAULT_GMAIL_ENDPOINT = "https://gmail.googleapis.com"
@@ -342,19 +347,60 @@ class ClientCertificate(_Model):
         return value
 
 
+class Federated(_Model):
+    """Keyless Microsoft: the client assertion is a JWT from AWS STS ``GetWebIdentityToken`` for
+    the function's own role, which the app registration trusts through a federated identity
+    credential (issuer = the account's issuer URL, subject = the role ARN, this audience)."""
+
+    audience: str = Field(default=ENTRA_TOKEN_EXCHANGE_AUDIENCE, min_length=1, max_length=1000)
+
+
+class WorkloadIdentity(_Model):
+    """Keyless Google: the function's AWS web identity token is exchanged at Google's STS through a
+    workload identity pool provider (``audience``: its full resource name), then the service
+    account is impersonated and signs the domain-wide delegation assertion through IAM
+    Credentials ``signJwt``. The endpoints are overridable for the sandbox, like ``token_uri``."""
+
+    audience: str = Field(
+        min_length=1,
+        max_length=1000,
+        pattern=r"^//iam\.googleapis\.com/projects/[^/]+/locations/global/workloadIdentityPools/[^/]+/providers/[^/]+$",
+    )
+    service_account: str = Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+    sts_endpoint: str = DEFAULT_GOOGLE_STS_ENDPOINT
+    iamcredentials_endpoint: str = DEFAULT_IAMCREDENTIALS_ENDPOINT
+
+    _v_sts = field_validator("sts_endpoint")(lambda v: _https_url(v, "sts_endpoint"))
+    _v_iam = field_validator("iamcredentials_endpoint")(
+        lambda v: _https_url(v, "iamcredentials_endpoint").rstrip("/")
+    )
+
+    @property
+    def token_audience(self) -> str:
+        """The ``aud`` of the AWS token: a provider's default allowed audience is its resource
+        name as an https URL."""
+        return "https:" + self.audience
+
+
 def _one_client_credential(model: Any, *, required: bool) -> None:
-    has_secret = model.client_secret is not None
-    has_certificate = model.client_certificate is not None
-    if has_secret and has_certificate:
-        raise ValueError("give client_secret or client_certificate, not both")
-    if required and not (has_secret or has_certificate):
-        raise ValueError("client_secret or client_certificate is required")
+    given = [
+        name
+        for name in ("client_secret", "client_certificate", "federated")
+        if getattr(model, name, None) is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(f"give one client credential, not {' and '.join(given)}")
+    if required and not given:
+        raise ValueError("client_secret, client_certificate or federated is required")
 
 
 def _credential_missing(data: Any, handler: Any) -> Any:
     """Validate, and name a missing client credential as ``client_secret`` even when other fields
     fail too (a model validator alone would only run once every field is valid)."""
-    missing = isinstance(data, dict) and not data.get("client_secret") and not data.get("client_certificate")
+    missing = isinstance(data, dict) and not any(
+        data.get(name) or (name == "federated" and data.get(name) is not None)
+        for name in ("client_secret", "client_certificate", "federated")
+    )
     details: list[Any] = []
     title = "integration"
     try:
@@ -379,6 +425,7 @@ class MicrosoftIntegration(_IntegrationBase):
     client_id: str = Field(min_length=1, max_length=128)
     client_secret: SecretStr | None = None
     client_certificate: ClientCertificate | None = None
+    federated: Federated | None = None
     authority: str = DEFAULT_MICROSOFT_AUTHORITY
     scope: str = DEFAULT_MICROSOFT_SCOPE
     client_secret_expires_at: str | None = None
@@ -458,19 +505,31 @@ class ServiceAccountKey(BaseModel):
 
 class GoogleServiceAccountIntegration(_IntegrationBase):
     provider: Literal["google_service_account"]
-    service_account_info: ServiceAccountKey
+    service_account_info: ServiceAccountKey | None = None
+    workload_identity: WorkloadIdentity | None = None
     subject: str = Field(min_length=3, pattern=r"^[^@\s]+@[^@\s]+$")
     scope: str = GOOGLE_MAIL_SCOPE
     token_uri: str | None = None
 
     @model_validator(mode="after")
     def _check_token_uri(self) -> GoogleServiceAccountIntegration:
+        if (self.service_account_info is None) == (self.workload_identity is None):
+            raise ValueError("give service_account_info or workload_identity (exactly one)")
         _https_url(self.effective_token_uri, "token_uri")
         return self
 
     @property
     def effective_token_uri(self) -> str:
-        return self.token_uri or self.service_account_info.token_uri
+        if self.token_uri:
+            return self.token_uri
+        return self.service_account_info.token_uri if self.service_account_info else DEFAULT_GOOGLE_TOKEN_URI
+
+    @property
+    def service_account_email(self) -> str:
+        if self.workload_identity is not None:
+            return self.workload_identity.service_account
+        assert self.service_account_info is not None
+        return self.service_account_info.client_email
 
 
 class OAuth2Integration(_IntegrationBase):
@@ -560,7 +619,11 @@ def context_of(integration: Any) -> dict[str, str]:
     }
     if isinstance(integration, GoogleServiceAccountIntegration):
         info = integration.service_account_info
-        context["client_id"] = str(getattr(info, "client_id", "") or info.client_email)
+        context["client_id"] = (
+            str(getattr(info, "client_id", "") or info.client_email)
+            if info is not None
+            else integration.service_account_email
+        )
         context["mailbox"] = integration.subject
     return context
 

@@ -58,6 +58,20 @@ def aws_client(service: str) -> Any:
     return boto3.client(service, config=config)
 
 
+def sts_client() -> Any:
+    """STS on the regional endpoint, always: ``GetWebIdentityToken`` is not served by the global
+    one. boto3 picks the regional endpoint by default; a configuration that says ``legacy`` (or an
+    old default) gets the regional URL explicitly. ``AWS_ENDPOINT_URL_STS`` / ``AWS_ENDPOINT_URL``
+    still point it at a stand-in."""
+    client = aws_client("sts")
+    if client.meta.endpoint_url.rstrip("/") == "https://sts.amazonaws.com":
+        import boto3
+
+        region = client.meta.region_name or "us-east-1"
+        client = boto3.client("sts", region_name=region, endpoint_url=f"https://sts.{region}.amazonaws.com")
+    return client
+
+
 # --- kept for the execution environment's life ----------------------------------------------------
 
 
@@ -111,12 +125,14 @@ def build_token_broker(
     from mailbroker.tokens.model import RefreshPolicy
     from mailbroker.tokens.providers import TokenProviders
     from mailbroker.tokens.store import TokenStore
+    from mailbroker.tokens.web_identity import WebIdentityTokens
 
     cipher = TokenCipher(aws_client("kms"), settings.token_key_id)
     return TokenBroker(
         integrations,
         TokenStore(aws_client("dynamodb"), settings.token_table, cipher),
-        providers or TokenProviders(http_timeout=settings.http_timeout),
+        providers
+        or TokenProviders(http_timeout=settings.http_timeout, web_identity=WebIdentityTokens(sts_client)),
         policy=RefreshPolicy(min_margin=settings.refresh_min_margin, fraction=settings.refresh_fraction),
         lease_ttl=settings.lease_ttl,
         lease_wait=settings.lease_wait,

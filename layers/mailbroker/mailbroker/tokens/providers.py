@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from pydantic import SecretStr
@@ -32,6 +32,20 @@ from mailbroker.tokens.credentials import credential_proof_parts, msal_credentia
 from mailbroker.tokens.http_client import VettedSession
 from mailbroker.tokens.model import CredentialIdentity, IssuedToken
 
+if TYPE_CHECKING:
+    from mailbroker.tokens.web_identity import WebIdentityTokens
+
+
+def _keyless_parts(integration: Any) -> list[str]:
+    """What names a keyless credential: its kind and audience (there is no secret to digest)."""
+    federated = getattr(integration, "federated", None)
+    if federated is not None:
+        return ["federated", federated.audience]
+    workload = getattr(integration, "workload_identity", None)
+    if workload is not None:
+        return ["workload_identity", workload.audience, workload.service_account]
+    return []
+
 
 def identity_of(integration: Any) -> CredentialIdentity:
     """The credential identity a token is cached under."""
@@ -42,7 +56,7 @@ def identity_of(integration: Any) -> CredentialIdentity:
             integration.client_id,
             integration.username,
             integration.scope,
-            _proof(*credential_proof_parts(integration)),
+            _proof(*credential_proof_parts(integration), *_keyless_parts(integration)),
         )
     if isinstance(integration, MicrosoftDelegatedIntegration):
         # The refresh token rotates, so it cannot name the credential: the integration does (its
@@ -68,10 +82,12 @@ def identity_of(integration: Any) -> CredentialIdentity:
         return CredentialIdentity(
             "google_service_account",
             integration.effective_token_uri,
-            integration.service_account_info.client_email,
+            integration.service_account_email,
             integration.subject,
             integration.scope,
-            _proof(integration.service_account_info.private_key),
+            _proof(integration.service_account_info.private_key)
+            if integration.service_account_info is not None
+            else _proof(*_keyless_parts(integration)),
         )
     if isinstance(integration, OAuth2Integration):
         return CredentialIdentity(
@@ -175,11 +191,12 @@ _MSAL_RESERVED_SCOPES = frozenset({"offline_access", "openid", "profile"})
 class TokenProviders:
     """Fetches a new access token for an integration from its provider."""
 
-    def __init__(self, *, http_timeout: float = 10.0) -> None:
+    def __init__(self, *, http_timeout: float = 10.0, web_identity: WebIdentityTokens | None = None) -> None:
         from mailbroker.observability import trace_library
 
         trace_library("requests")
         self._session = _TimeoutSession(http_timeout)
+        self._web_identity = web_identity
         self._msal_apps: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
 
@@ -212,7 +229,7 @@ class TokenProviders:
     # --- Microsoft: MSAL client credentials and refresh tokens ----------------------------------
 
     def _msal_app(self, integration: MicrosoftIntegration | MicrosoftDelegatedIntegration) -> Any:
-        proof = _proof(*credential_proof_parts(integration))
+        proof = _proof(*credential_proof_parts(integration), *_keyless_parts(integration))
         key = (
             integration.provider,
             integration.authority,
@@ -230,7 +247,15 @@ class TokenProviders:
     def _build_msal_app(self, integration: MicrosoftIntegration | MicrosoftDelegatedIntegration) -> Any:
         import msal
 
-        credential, assertion = msal_credential(integration)
+        federated = getattr(integration, "federated", None)
+        if federated is not None:
+            # Keyless: MSAL calls this for each token request, and each call mints a fresh JWT.
+            credential, assertion = (
+                {"client_assertion": self._web_identities().assertion(federated.audience)},
+                None,
+            )
+        else:
+            credential, assertion = msal_credential(integration)
         # The constructor fetches the tenant's OIDC metadata: built here, on a cache miss, never at
         # import. Authorities other than the public cloud's (sovereign clouds, the sandbox) skip
         # Microsoft's instance discovery and use their own OIDC discovery.
@@ -330,9 +355,23 @@ class TokenProviders:
         )
         return self._refresh_google(creds, "google", integration)
 
+    def _web_identities(self) -> WebIdentityTokens:
+        if self._web_identity is None:
+            raise TokenError(
+                "keyless credentials need AWS STS, and this process was given no STS client",
+                code="federation_not_permitted",
+            )
+        return self._web_identity
+
     def _google_service_account(self, integration: GoogleServiceAccountIntegration) -> IssuedToken:
         from google.oauth2 import service_account
 
+        if integration.workload_identity is not None:
+            from mailbroker.tokens.workload_identity import KeylessServiceAccount
+
+            keyless = KeylessServiceAccount(integration, self._web_identities(), self._session)
+            return keyless.fetch()
+        assert integration.service_account_info is not None
         info = integration.service_account_info.as_info()
         info["token_uri"] = integration.effective_token_uri
         try:
