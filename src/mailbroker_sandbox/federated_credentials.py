@@ -110,8 +110,8 @@ def _matching(claims: dict[str, Any], credentials: tuple[FederatedCredential, ..
 def _issuer_key(issuer: str, kid: str, tls: ssl.SSLContext) -> Any:
     """The issuer's signing key ``kid``, through its OIDC discovery document (verified TLS)."""
     try:
-        discovery = _get_json(f"{issuer.rstrip('/')}/.well-known/openid-configuration", tls)
-        keys = _get_json(str(discovery["jwks_uri"]), tls)
+        discovery = get_json(f"{issuer.rstrip('/')}/.well-known/openid-configuration", tls)
+        keys = get_json(str(discovery["jwks_uri"]), tls)
         for jwk in keys.get("keys", []):
             if jwk.get("kid") == kid:
                 return jwt.PyJWK(jwk).key
@@ -122,7 +122,7 @@ def _issuer_key(issuer: str, kid: str, tls: ssl.SSLContext) -> Any:
     raise AssertionRefused(50027, f"The issuer '{issuer}' publishes no key with kid '{kid}'.")
 
 
-def _get_json(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
+def get_json(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
     if not url.startswith("https://"):
         raise ValueError("an issuer is only trusted over https")
     with urllib.request.urlopen(url, context=tls, timeout=5) as response:  # noqa: S310 (https only, checked above)
