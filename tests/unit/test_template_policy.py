@@ -21,6 +21,8 @@ UNSCOPABLE_ACTIONS = {
     "dynamodb:ListStreams",
     "xray:PutTraceSegments",
     "xray:PutTelemetryRecords",
+    # No resource-level permissions; scoped by its condition keys (see the keyless test below).
+    "sts:GetWebIdentityToken",
 }
 # What a DynamoDB stream event source mapping needs of its function's role.
 STREAM_READS = {"DescribeStream", "GetRecords", "GetShardIterator", "ListStreams"}
@@ -489,3 +491,24 @@ def test_the_delivery_events_rule_exists_only_when_an_operator_names_a_target():
     (target,) = rule["Properties"]["Targets"]
     assert target["Arn"] == {"Ref": "EventsTargetArn"}
     assert RESOURCES["DeliveryEventsTargetRole"]["Condition"] == "EventsTargetIsApiDestination"
+
+
+def test_web_identity_tokens_are_only_for_the_keyless_audiences_of_the_refreshing_functions():
+    policy = RESOURCES["KeylessWebIdentityPolicy"]
+    assert policy["Condition"] == "KeylessEnabled"
+    roles = {ref_target(role) for role in policy["Properties"]["Roles"]}
+    assert roles == {"TokenBrokerRole", "SenderRole", "KeeperRole"}
+    [statement] = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert statement["Action"] == "sts:GetWebIdentityToken"
+    condition = statement["Condition"]
+    audiences = condition["ForAllValues:StringEquals"]["sts:IdentityTokenAudience"]
+    assert audiences == {"Fn::Split": [",", {"Ref": "KeylessAudiences"}]}
+    assert int(condition["NumericLessThanEquals"]["sts:DurationSeconds"]) <= 300
+    others = [
+        logical_id
+        for logical_id, resource in RESOURCES.items()
+        if resource["Type"] == "AWS::IAM::Policy"
+        and logical_id != "KeylessWebIdentityPolicy"
+        and "GetWebIdentityToken" in str(resource["Properties"]["PolicyDocument"])
+    ]
+    assert others == []
