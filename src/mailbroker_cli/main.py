@@ -4,7 +4,8 @@
     mailbroker consent google ID                  obtain a Gmail refresh token (loopback flow)
     mailbroker consent microsoft ID               a user's delegated consent (device code or browser)
     mailbroker cert create ID                     key + self-signed certificate for an Entra app
-    mailbroker setup microsoft ID                 admin consent URL + Exchange Online PowerShell
+    mailbroker setup microsoft ID [--federated]   admin consent, Exchange PowerShell (+ keyless trust)
+    mailbroker setup google ID --workload-identity  keyless Google: pool, provider, IAM, delegation
     mailbroker doctor ID                          diagnose an integration step by step
     mailbroker send | status ID | dlq list|redrive   messages
     mailbroker test ID --to ADDR [--wait]         a labelled test mail through the whole path

@@ -22,6 +22,7 @@ from mailbroker.integrations import MicrosoftIntegration
 from mailbroker.messages.models import EmailAddress
 from pydantic import ValidationError
 
+from mailbroker_cli import setup_keyless
 from mailbroker_cli.context import CliError, Context
 from mailbroker_cli.output import Output
 
@@ -42,7 +43,7 @@ _NO_CONSENT_URL = (
 
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
     group = commands.add_parser("setup", help="print the provider-side set-up for an integration")
-    sub = group.add_subparsers(dest="provider", required=True, metavar="{microsoft}")
+    sub = group.add_subparsers(dest="provider", required=True, metavar="{microsoft,google}")
     microsoft = sub.add_parser(
         "microsoft",
         parents=[common],
@@ -68,7 +69,24 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         choices=("smtp", "graph"),
         help="the set-up for sending over SMTP or Microsoft Graph (default: the integration's transport)",
     )
+    microsoft.add_argument(
+        "--federated",
+        action="store_true",
+        help="keyless: also print the federated identity credentials that trust the functions' AWS roles",
+    )
+    setup_keyless.add_arguments(microsoft)
     microsoft.set_defaults(handler=setup_microsoft)
+    google = sub.add_parser(
+        "google",
+        parents=[common],
+        help="keyless: workload identity pool, provider, IAM bindings and domain-wide delegation",
+        description="Print the Google Cloud workload identity federation and domain-wide delegation a "
+        "keyless google_service_account integration needs, filled in with this stack's issuer and roles.",
+    )
+    google.add_argument("id")
+    google.add_argument("--workload-identity", action="store_true", help="print the keyless set-up")
+    setup_keyless.add_arguments(google)
+    google.set_defaults(handler=setup_keyless.setup_google)
 
 
 def setup_microsoft(args: argparse.Namespace, ctx: Context, out: Output) -> int:
@@ -88,9 +106,17 @@ def setup_microsoft(args: argparse.Namespace, ctx: Context, out: Output) -> int:
         plan = graph_plan(integration, args.object_id)
     else:
         plan = microsoft_plan(integration, args.object_id, args.redirect_uri)
+    if getattr(args, "federated", False):
+        issuer = setup_keyless.issuer_url(args, ctx)
+        plan["federated"] = setup_keyless.microsoft_federated_plan(
+            integration, issuer, setup_keyless.role_arns(args, ctx)
+        )
     if out.as_json:
         out.json(plan)
-    elif plan.get("transport") == "graph":
+        return 0
+    if plan.get("federated"):
+        setup_keyless.print_microsoft(plan["federated"], out)
+    if plan.get("transport") == "graph":
         _print_graph(plan, out)
     else:
         _print_smtp(plan, args, out)

@@ -224,9 +224,7 @@ class GoogleFederation:
                 f"The audience in ID Token [{unverified.get('aud')}] does not match the expected audience."
             )
         try:
-            discovery = get_json(
-                f"{provider.issuer.rstrip('/')}/.well-known/openid-configuration", self._tls
-            )
+            discovery = get_json(f"{provider.issuer.rstrip('/')}/.well-known/openid-configuration", self._tls)
             keys = get_json(str(discovery["jwks_uri"]), self._tls).get("keys", [])
             jwk = next(k for k in keys if k.get("kid") == kid)
             return dict(
