@@ -172,3 +172,26 @@ def test_workload_identity_and_a_key_are_exclusive_and_the_audience_is_a_provide
         parse_integration(base)
     with pytest.raises(InvalidIntegration, match="audience"):
         parse_integration(base | {"workload_identity": workload | {"audience": "projects/1/pools/x"}})
+
+
+@pytest.mark.slow  # sixteen interpreters start: minutes on a loaded machine (pytest --long)
+def test_sixteen_environments_make_one_exchange_per_lifetime(
+    pipeline, web_identity, google_federation, monkeypatch
+):
+    from mailbroker import runtime
+
+    from tests.integration.single_flight import PROCESSES, sixteen_environments
+
+    lifetime, margin = 16.0, 6.0
+    pipeline.tokens.lifetime = lifetime
+    monkeypatch.setenv("TOKEN_REFRESH_MIN_MARGIN_SECONDS", str(margin))
+    integration_id = keyless(pipeline, web_identity, google_federation, "kg-flight")
+    integration = pipeline.integrations.get(integration_id)
+    runtime.reset()
+
+    sources, _ = sixteen_environments(integration, lifetime=lifetime, margin=margin)
+
+    assert google_federation.exchanges == 2 and google_federation.signed == 2
+    assert web_identity.count("https:" + PROVIDER) == 2
+    assert sources.count("provider") == 2
+    assert len(sources) == PROCESSES * 10

@@ -197,3 +197,23 @@ def test_keyless_is_validated_as_the_only_client_credential():
     with pytest.raises(InvalidIntegration, match="one client credential"):
         parse_integration(base | {"federated": {}, "client_secret": "s3cret-value"})
     runtime.reset()
+
+
+@pytest.mark.slow  # sixteen interpreters start: minutes on a loaded machine (pytest --long)
+def test_sixteen_environments_make_one_provider_exchange_per_lifetime(pipeline, web_identity, monkeypatch):
+    from tests.integration.single_flight import PROCESSES, sixteen_environments
+
+    lifetime, margin = 16.0, 6.0
+    pipeline.tokens.lifetime = lifetime
+    monkeypatch.setenv("TOKEN_REFRESH_MIN_MARGIN_SECONDS", str(margin))
+    integration_id = keyless(pipeline, web_identity, "keyless-flight")
+    integration = pipeline.integrations.get(integration_id)
+    runtime.reset()
+
+    sources, _ = sixteen_environments(integration, lifetime=lifetime, margin=margin)
+
+    client = pipeline.client_id(integration_id)
+    assert pipeline.tokens.issued(client_id=client) == 2  # one per lifetime
+    assert web_identity.count(AUDIENCE) == 2  # one JWT per provider exchange, none wasted
+    assert sources.count("provider") == 2
+    assert len(sources) == PROCESSES * 10
