@@ -52,7 +52,7 @@ TESTING_REFRESH_LIFETIME = 7 * 86400
 # A credential ending within this is flagged (the keeper's warning window).
 EXPIRY_WINDOW = 30 * 86400
 # Steps that depend on the one before; the token's claim checks do not stop the SMTP steps.
-SKIPPABLE = ("secret", "token", "connect", "tls", "ehlo", "auth", "quit")
+SKIPPABLE = ("secret", "web identity", "token", "connect", "tls", "ehlo", "auth", "quit")
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,11 @@ def diagnose(ctx: Context, integration_id: str) -> Iterator[Step]:
     ):
         yield certificate_step(integration.client_certificate)
     token: str | None = None
+    keyless = list(keyless_steps(integration))
+    yield from keyless
+    if keyless and keyless[-1].ok is False:
+        yield from _skipped("web identity")
+        return
     if isinstance(integration, BasicIntegration):
         yield Step("token", True, "basic authentication (AUTH PLAIN/LOGIN): no token needed")
     else:
@@ -209,13 +214,49 @@ def fresh_delegated_token(ctx: Context, integration: Any) -> FreshToken:
     return FreshToken(token.access_token, max(token.expires_at - time.time(), 0.0))
 
 
+def keyless_audience(integration: Any) -> str | None:
+    """The audience a keyless integration mints web identity tokens for (None: not keyless)."""
+    federated = getattr(integration, "federated", None)
+    if federated is not None:
+        return str(federated.audience)
+    workload = getattr(integration, "workload_identity", None)
+    return str(workload.token_audience) if workload is not None else None
+
+
+def keyless_steps(integration: Any) -> Iterator[Step]:
+    """The first keyless link: STS mints a JWT for the identity running doctor (the functions mint
+    for their own roles, the subjects the provider must trust)."""
+    audience = keyless_audience(integration)
+    if audience is None:
+        return
+    import jwt
+    from mailbroker import runtime
+    from mailbroker.tokens.web_identity import WebIdentityTokens
+
+    try:
+        minted = WebIdentityTokens(runtime.sts_client).token(audience)
+    except MailbrokerError as exc:
+        yield Step("web identity", False, exc.message, exc.code, exc.hint)
+        return
+    claims = jwt.decode(minted, options={"verify_signature": False})
+    yield Step(
+        "web identity",
+        True,
+        f"STS minted a JWT: iss {claims.get('iss')}, sub {claims.get('sub')}, aud {claims.get('aud')} "
+        "(the functions' tokens name their own roles: each must be trusted by the provider)",
+    )
+
+
 def fetch_fresh_token(integration: Any, http_timeout: float) -> FreshToken:
     """A token straight from the provider, bypassing every cache."""
     if isinstance(integration, GoogleIntegration):
         return _google_token(integration, http_timeout)
+    from mailbroker import runtime
     from mailbroker.tokens.providers import TokenProviders
+    from mailbroker.tokens.web_identity import WebIdentityTokens
 
-    issued = TokenProviders(http_timeout=http_timeout).fetch(integration)
+    providers = TokenProviders(http_timeout=http_timeout, web_identity=WebIdentityTokens(runtime.sts_client))
+    issued = providers.fetch(integration)
     return FreshToken(issued.access_token, issued.expires_in)
 
 

@@ -127,3 +127,66 @@ def test_setup_google_refuses_an_integration_with_a_key(cli):  # noqa: F811
     assert code == 2
     assert "workload_identity" in out + err
     assert "gcloud" not in out  # no plan for a keyed integration
+
+
+def keyless_in_sandbox(cli, web_identity, integration_id, *, fic=True):  # noqa: F811
+    """A keyless Microsoft integration whose app (in the sandbox Entra) trusts the sandbox issuer."""
+    from mailbroker_sandbox.web_identity import SANDBOX_ROLE
+
+    tenant, app = f"t-{integration_id}", f"app-{integration_id}"
+    cli.tokens.register_microsoft_app(tenant, app)
+    if fic:
+        cli.tokens.add_microsoft_federated_credential(
+            tenant, app, issuer=web_identity.issuer, subject=SANDBOX_ROLE
+        )
+    mailbox = f"{integration_id}@contoso.example"
+    cli.smtp.add_mailbox(mailbox, allowed_clients=[app])
+    put(
+        cli,
+        {
+            "id": integration_id,
+            "provider": "microsoft",
+            "smtp": {"host": "127.0.0.1", "port": cli.smtp.port, "timeout_seconds": 5},
+            "username": mailbox,
+            "tenant_id": tenant,
+            "client_id": app,
+            "federated": {},
+            "authority": cli.tokens.microsoft_authority(),
+        },
+    )
+
+
+def test_doctor_walks_the_keyless_links_in_order(web_identity, cli):  # noqa: F811
+    keyless_in_sandbox(cli, web_identity, "doctor-keyless")
+
+    code, report = cli.json("doctor", "doctor-keyless")
+
+    names = [step["name"] for step in report["steps"]]
+    assert code == 0, report
+    assert names.index("web identity") < names.index("token") < names.index("auth")
+    minted = next(s for s in report["steps"] if s["name"] == "web identity")
+    assert web_identity.issuer in minted["detail"] and "api://AzureADTokenExchange" in minted["detail"]
+
+
+def test_doctor_stops_at_the_first_broken_keyless_link_with_its_fix(web_identity, cli):  # noqa: F811
+    keyless_in_sandbox(cli, web_identity, "doctor-off")
+    web_identity.enabled = False
+
+    code, report = cli.json("doctor", "doctor-off")
+
+    steps = {step["name"]: step for step in report["steps"]}
+    assert code == 1
+    assert steps["web identity"]["code"] == "federation_disabled"
+    assert "enable-outbound-web-identity-federation" in steps["web identity"]["hint"]
+    assert steps["token"]["ok"] is None and steps["auth"]["ok"] is None
+
+
+def test_doctor_names_a_missing_federated_credential_at_the_token_step(web_identity, cli):  # noqa: F811
+    keyless_in_sandbox(cli, web_identity, "doctor-nofic", fic=False)
+
+    code, report = cli.json("doctor", "doctor-nofic")
+
+    steps = {step["name"]: step for step in report["steps"]}
+    assert code == 1
+    assert steps["web identity"]["ok"] is True
+    assert steps["token"]["code"] == "token_federation_mismatch" and "AADSTS70021" in steps["token"]["detail"]
