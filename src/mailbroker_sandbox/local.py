@@ -49,6 +49,13 @@ FUNCTIONS = {
 }
 
 
+# The sandbox's keyless audiences: Entra's, and a Google workload identity pool provider's.
+SANDBOX_GOOGLE_PROVIDER = (
+    "//iam.googleapis.com/projects/123456789/locations/global/workloadIdentityPools/mailbroker/providers/aws"
+)
+KEYLESS_AUDIENCES = f"api://AzureADTokenExchange,https:{SANDBOX_GOOGLE_PROVIDER}"
+
+
 @dataclass(frozen=True)
 class Demo:
     """One demo integration: what it is and how the sandbox stands in for its provider."""
@@ -89,6 +96,8 @@ class Sandbox:
         self.ca: Any = None
         self.moto: Any = None
         self.tokens: Any = None
+        self.web_identity: Any = None  # AWS outbound identity federation (STS GetWebIdentityToken)
+        self.google_federation: Any = None  # Google's STS and IAM Credentials
         self.smtp: Any = None
         self.mail_apis: Any = None
         self.stack: Any = None
@@ -113,15 +122,19 @@ class Sandbox:
     def start(self) -> Sandbox:
         from mailbroker_sandbox.aws import MotoServer, load_template, provision
         from mailbroker_sandbox.ca import create_ca
+        from mailbroker_sandbox.google_federation import GoogleFederation
         from mailbroker_sandbox.mail_apis import MailApiServer
         from mailbroker_sandbox.smtp_server import HttpIntrospector, SandboxSmtpServer
         from mailbroker_sandbox.token_server import TokenServer
+        from mailbroker_sandbox.web_identity import WebIdentityIssuer
 
         try:
             self.workdir = Path(tempfile.mkdtemp(prefix="mailbroker-sandbox-"))
             self.ca = create_ca(self.workdir / "ca")
             self.moto = MotoServer().start()
             self.tokens = TokenServer(self.ca, lifetime=self.token_lifetime).start()
+            self.web_identity = WebIdentityIssuer(self.ca).start()
+            self.google_federation = GoogleFederation(self.ca, self.tokens).start()
             self.smtp = SandboxSmtpServer(
                 self.ca,
                 verify_token=HttpIntrospector(self.tokens.introspection_url, str(self.ca.ca_cert)),
@@ -131,7 +144,9 @@ class Sandbox:
             self.mail_apis = MailApiServer(
                 self.ca, verify_token=HttpIntrospector(self.tokens.introspection_url, str(self.ca.ca_cert))
             ).start()
-            parameters = {**self._events_target(), **self.parameters}
+            parameters = {**self._events_target(), "KeylessAudiences": KEYLESS_AUDIENCES, **self.parameters}
+            # The IAM condition on sts:GetWebIdentityToken, as the template grants it.
+            self.web_identity.allowed_audiences = set(filter(None, parameters["KeylessAudiences"].split(",")))
             self.stack = provision(
                 load_template(self.template_path),
                 endpoint_url=self.moto.endpoint_url,
@@ -165,11 +180,19 @@ class Sandbox:
         return {"EventsTargetArn": arn["Attributes"]["QueueArn"], "EventsTargetKind": "sqs"}
 
     def stop(self) -> None:
-        for server in (self.mail_apis, self.smtp, self.tokens, self.moto):
+        for server in (
+            self.mail_apis,
+            self.smtp,
+            self.google_federation,
+            self.web_identity,
+            self.tokens,
+            self.moto,
+        ):
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.stop()
         self.mail_apis = self.smtp = self.tokens = self.moto = None
+        self.web_identity = self.google_federation = None
         if self.workdir.name.startswith("mailbroker-sandbox-"):
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = Path()
@@ -188,7 +211,12 @@ class Sandbox:
     def function_env(self, function: str) -> dict[str, str]:
         """One function's environment as the template sets it, plus the sandbox's AWS endpoint and
         CA trust (what a deployed function gets from Lambda and the system trust store)."""
-        return {**self.moto.env(), **self.ca.trust_env(), **self.stack.function_env(FUNCTIONS[function])}
+        return {
+            **self.moto.env(),
+            **self.ca.trust_env(),
+            **self.web_identity.environment(),  # STS GetWebIdentityToken (moto has none)
+            **self.stack.function_env(FUNCTIONS[function]),
+        }
 
     def activate(self) -> dict[str, str]:
         """Set this process's environment to the union of the three functions' environments (they
@@ -406,6 +434,7 @@ class Sandbox:
         )
         self._register_graph_demos(tenant, secret, add)
         self._register_microsoft_credential_demos(tenant, add)
+        self._register_keyless_microsoft_demo(tenant, add)
         # Gmail: an OAuth client and a user's refresh token.
         client_id = f"{secrets.randbelow(10**12)}-sandbox.apps.googleusercontent.com"
         client_secret = "GOCSPX-" + _secret()
@@ -450,6 +479,7 @@ class Sandbox:
             ),
         )
         self._register_gmail_api_demo(add)
+        self._register_keyless_google_demo(add)
         # Any OAuth2 server: client credentials.
         relay_client, relay_secret = "relay-app", _secret()
         tokens.register_oauth2_client(relay_client, relay_secret, scope="smtp.send")
@@ -581,6 +611,78 @@ class Sandbox:
                 },
                 Demo(graph_id, "microsoft", mailbox, "MSAL client credentials", note, "graph"),
             )
+
+    def _register_keyless_microsoft_demo(
+        self, tenant: str, add: Callable[[dict[str, Any], Demo], None]
+    ) -> None:
+        """Keyless Microsoft: no secret, no certificate; the function role's own STS web identity
+        token is the client assertion, trusted through a federated identity credential."""
+        from mailbroker_sandbox.web_identity import SANDBOX_ROLE
+
+        app = str(uuid.uuid4())
+        self.tokens.register_microsoft_app(tenant, app)
+        self.tokens.add_microsoft_federated_credential(
+            tenant, app, issuer=self.web_identity.issuer, subject=SANDBOX_ROLE
+        )
+        self.smtp.add_mailbox("noreply@contoso.example", allowed_clients=[app])
+        add(
+            {
+                "id": "m365-keyless",
+                "provider": "microsoft",
+                "username": "noreply@contoso.example",
+                "tenant_id": tenant,
+                "client_id": app,
+                "federated": {},
+                "authority": self.tokens.microsoft_authority(),
+            },
+            Demo(
+                "m365-keyless",
+                "microsoft",
+                "noreply@contoso.example",
+                "STS web identity token as client assertion (MSAL)",
+                "keyless: nothing stored",
+            ),
+        )
+
+    def _register_keyless_google_demo(self, add: Callable[[dict[str, Any], Demo], None]) -> None:
+        """Keyless Workspace: workload identity federation, impersonation, and domain-wide
+        delegation through IAM Credentials signJwt."""
+        from mailbroker_sandbox.google_federation import GoogleFederation
+        from mailbroker_sandbox.web_identity import SANDBOX_ROLE
+
+        federation = self.google_federation
+        provider = federation.register_provider(
+            SANDBOX_GOOGLE_PROVIDER, self.web_identity.issuer, allowed_subjects={SANDBOX_ROLE}
+        )
+        account = "mailbroker@mailbroker-sandbox.iam.gserviceaccount.com"
+        federation.register_service_account(
+            account,
+            workload_users={GoogleFederation.principal(provider, SANDBOX_ROLE)},
+            delegated_subjects={"ops@fabrikam.example"},
+        )
+        self.smtp.add_mailbox("ops@fabrikam.example")
+        add(
+            {
+                "id": "workspace-keyless",
+                "provider": "google_service_account",
+                "username": "ops@fabrikam.example",
+                "subject": "ops@fabrikam.example",
+                "token_uri": self.tokens.google_token_uri,
+                "workload_identity": {
+                    "audience": SANDBOX_GOOGLE_PROVIDER,
+                    "service_account": account,
+                    "sts_endpoint": federation.sts_endpoint,
+                    "iamcredentials_endpoint": federation.iamcredentials_endpoint,
+                },
+            },
+            Demo(
+                "workspace-keyless",
+                "google_service_account",
+                "ops@fabrikam.example",
+                "workload identity federation + signJwt",
+                "keyless: nothing stored",
+            ),
+        )
 
     def _register_gmail_api_demo(self, add: Callable[[dict[str, Any], Demo], None]) -> None:
         """A Workspace service account whose delegation grants gmail.send, over the Gmail API."""
@@ -919,6 +1021,7 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
     out.line(f"  HTTP API        {url}   (IAM auth is not checked locally)")
     out.line(f"  AWS (moto)      {sandbox.moto.endpoint_url}")
     out.line(f"  token endpoints {sandbox.tokens.base_url}")
+    out.line(f"  AWS STS issuer  {sandbox.web_identity.issuer} (GetWebIdentityToken, keyless)")
     out.line(f"  SMTP            127.0.0.1:{sandbox.smtp.port} (STARTTLS, sandbox CA)")
     out.line(f"  Graph, Gmail API {sandbox.mail_apis.base_url} (sendMail, messages.send)")
     out.line(f"  function logs   {log_path}")
@@ -932,9 +1035,10 @@ def _print_local(out: Any, sandbox: Sandbox, url: str, demos: list[Demo], log_pa
 
 
 SHELL_KEYS = (
-    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION", "SECRET_PREFIX", "TOKEN_TABLE", "MESSAGE_TABLE", "SEND_QUEUE_URL",
-    "DEAD_LETTER_QUEUE_URL", "ALERT_TOPIC_ARN", "TOKEN_KEY_ID", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_STS", "AWS_CA_BUNDLE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "SECRET_PREFIX", "TOKEN_TABLE", "MESSAGE_TABLE",
+    "SEND_QUEUE_URL", "DEAD_LETTER_QUEUE_URL", "ALERT_TOPIC_ARN", "TOKEN_KEY_ID", "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
 )  # fmt: skip
 
 
@@ -964,6 +1068,7 @@ def local_examples(env: Mapping[str, str], url: str, google_client: Path | None,
         "  mailbroker status order-8812-confirmation",
         "  mailbroker test support-m365 --to you@example.com --wait",
         "  mailbroker doctor support-gmail",
+        "  mailbroker doctor m365-keyless   # keyless: web identity token, exchange, token, SMTP",
         "  mailbroker dlq list",
         f"  curl -s -X POST {url}/v1/integrations/support-m365/token",
         f"  curl -s {url}/v1/integrations/support-gmail/health",

@@ -156,6 +156,29 @@ def demo_messages() -> list[DemoMessage]:
             "http",
             "delivered (delegated refresh token)",
         ),
+        # After the throttled message: it stays in the sender's first batch of ten.
+        DemoMessage(
+            message(
+                "notice-5150",
+                "m365-keyless",
+                "noreply@contoso.example",
+                "customer@example.com",
+                "Your password was changed",
+            ),
+            "http",
+            "delivered (keyless: the function role's own identity)",
+        ),
+        DemoMessage(
+            message(
+                "digest-12",
+                "workspace-keyless",
+                "ops@fabrikam.example",
+                "client@example.org",
+                "Weekly digest",
+            ),
+            "http",
+            "delivered (keyless: workload identity federation)",
+        ),
     ]
 
 
@@ -207,6 +230,7 @@ class Run:
             ["ID", "PROVIDER", "TRANSPORT", "MAILBOX", "AUTH", "NOTE"],
             [[d.id, d.provider, d.transport, d.mailbox, d.auth, d.note or ""] for d in demos],
         )
+        self.show_keyless(sandbox, demos)
         sandbox.subscribe_alerts()
         self.section('Tokens from the token broker (direct invoke {"integration": ID}), redacted')
         self.show_tokens(sandbox, demos)
@@ -232,6 +256,30 @@ class Run:
         expected_failures = {"invoice-2211", "quote-5120"}
         return 0 if failures == expected_failures else 1
 
+    def show_keyless(self, sandbox: Sandbox, demos: list[Demo]) -> None:
+        """What a keyless integration's secret holds, read back from Secrets Manager: no credential."""
+        import json
+
+        credentials = {
+            "client_secret",
+            "client_certificate",
+            "refresh_token",
+            "password",
+            "service_account_info",
+        }
+        secrets = sandbox.client("secretsmanager")
+        for demo in demos:
+            if "keyless" not in demo.note:
+                continue
+            secret_id = sandbox.integrations.secret_name(demo.id)
+            document = json.loads(secrets.get_secret_value(SecretId=secret_id)["SecretString"])
+            kind = "federated" if "federated" in document else "workload_identity"
+            held = sorted(credentials & set(document))
+            verdict = f"✗ holds {', '.join(held)}" if held else "no secret, key or token"
+            self.say(
+                f"{self.out.mark(not held)} {demo.id}: {kind} = {json.dumps(document[kind])} — {verdict}"
+            )
+
     def show_started(self, sandbox: Sandbox) -> None:
         stack = sandbox.stack
         ok = self.out.mark(True)
@@ -239,6 +287,9 @@ class Run:
         self.say(f"{ok} token endpoints (Entra ID, Google, OAuth2) over HTTPS   {sandbox.tokens.base_url}")
         self.say(f"{ok} SMTP server (STARTTLS, XOAUTH2, AUTH PLAIN)            127.0.0.1:{sandbox.smtp.port}")
         self.say(f"{ok} Graph sendMail and Gmail messages.send over HTTPS     {sandbox.mail_apis.base_url}")
+        self.say(f"{ok} AWS web identity issuer + STS GetWebIdentityToken      {sandbox.web_identity.issuer}")
+        google = sandbox.google_federation.base_url
+        self.say(f"{ok} Google STS + IAM Credentials (signJwt)                  {google}")
         self.say(f"{ok} sandbox CA trusted through SSL_CERT_FILE / REQUESTS_CA_BUNDLE")
         created = {
             "tables": list(stack.table_names.values()),
@@ -513,6 +564,8 @@ class Run:
             if isinstance(integration, MicrosoftIntegration):
                 count = tokens.issued(provider="microsoft", client_id=integration.client_id)
                 credential = f"app {integration.client_id[:8]}… in tenant {integration.tenant_id[:8]}…"
+                if integration.federated is not None:
+                    credential += " (keyless)"
             elif isinstance(integration, MicrosoftDelegatedIntegration):
                 count = tokens.issued(provider="microsoft_delegated", client_id=integration.client_id)
                 credential = f"refresh token of {integration.username} (rotated {count} time(s))"
@@ -523,9 +576,9 @@ class Run:
                 credential = f"refresh token of {integration.username}"
             elif isinstance(integration, GoogleServiceAccountIntegration):
                 count = tokens.issued(provider="google_service_account", subject=integration.subject)
-                credential = (
-                    f"{integration.service_account_info.client_email.split('@')[0]}… as {integration.subject}"
-                )
+                credential = f"{integration.service_account_email.split('@')[0]}… as {integration.subject}"
+                if integration.workload_identity is not None:
+                    credential += " (keyless)"
             else:
                 count = tokens.issued(provider="oauth2", client_id=integration.client_id)
                 credential = f"client {integration.client_id}"

@@ -43,7 +43,16 @@ def section(out: str, title: str) -> str:
 
 
 # The OAuth integrations make run registers for SMTP, each with one token call.
-OAUTH_DEMOS = ("support-m365", "m365-cert", "outlook", "support-gmail", "billing-ws", "relay-oauth2")
+OAUTH_DEMOS = (
+    "support-m365",
+    "m365-cert",
+    "m365-keyless",
+    "outlook",
+    "support-gmail",
+    "billing-ws",
+    "workspace-keyless",
+    "relay-oauth2",
+)
 
 
 @pytest.mark.xdist_group("make-run")
@@ -54,9 +63,10 @@ def test_make_run_succeeds_and_leaves_no_server_it_started_running(run):
     assert "Everything it started has stopped." in completed.stdout
     assert "Traceback" not in completed.stderr
     started = section(completed.stdout, "▸ Started")
-    # moto server, token endpoints, SMTP server, Graph / Gmail API stand-ins, each on its own port
+    # moto server, token endpoints, SMTP server, Graph / Gmail API stand-ins, the AWS web identity
+    # issuer (STS GetWebIdentityToken), Google STS and IAM Credentials, each on its own port
     ports = re.findall(r"127\.0\.0\.1:(\d+)", started)
-    assert len(set(ports)) == 4, started
+    assert len(set(ports)) == 6, started
     # The token, SMTP and mail API servers live in the run's process; moto server is a process of
     # its own, in a session of its own, so only an explicit stop ends it.
     moto_port = re.search(r"moto server .* http://127\.0\.0\.1:(\d+)", started)
@@ -83,7 +93,7 @@ def test_make_run_prints_a_redacted_token_for_each_oauth_provider(run):
     for integration in OAUTH_DEMOS:
         line = next(line for line in out.splitlines() if line.strip().startswith(integration + " "))
         assert re.search(r"…\[\d+ chars, sha256 [0-9a-f]{8}\]\s+\d+ s\s+provider\s+memory", line), line
-    assert "gmail-revoked  ✗ token_invalid_grant" in out
+    assert re.search(r"gmail-revoked\s+✗ token_invalid_grant", out)
 
 
 @pytest.mark.xdist_group("make-run")
@@ -127,7 +137,7 @@ def test_make_run_drives_the_sender_as_the_event_source_mapping_does(run):
 @pytest.mark.xdist_group("make-run")
 def test_make_run_shows_health_alerts_and_token_calls_per_credential(run):
     out = run.stdout
-    assert "summary: checked 11, healthy 10, refreshed 0, unhealthy 1 (gmail-revoked), alerts 2" in out
+    assert "summary: checked 13, healthy 12, refreshed 0, unhealthy 1 (gmail-revoked), alerts 2" in out
     assert re.search(r"support-graph\s+healthy\s+.*\byes\b", out)  # the Graph live check ran
     assert re.search(r"gmail-revoked\s+unhealthy\s+.*token_invalid_grant", out)
     assert "mailbroker: gmail-revoked needs re-consent" in out
@@ -171,4 +181,17 @@ def test_make_run_prints_the_delivery_events_the_rules_sqs_target_received(run):
     assert re.search(r"Message Sent\s+order-8813\s+sent\s+1\s+\S+\s+202 Accepted request-id=", out)
     assert re.search(r"Message Sent\s+newsletter-11\s+sent\s+1\s+\S+\s+200 id=", out)
     assert re.search(r"Message Failed\s+quote-5120\s+failed\s+1\s+\S+\s+graph_access_denied", out)
-    assert "13 event(s) on the rule's SQS target" in out
+    assert "15 event(s) on the rule's SQS target" in out
+
+
+@pytest.mark.xdist_group("make-run")
+def test_make_run_delivers_through_keyless_microsoft_and_google_with_nothing_secret_stored(run):
+    out = run.stdout
+    integrations = section(out, "▸ Integrations")
+    for integration, kind in (("m365-keyless", "federated"), ("workspace-keyless", "workload_identity")):
+        line = next(line for line in integrations.splitlines() if f" {integration}: {kind} = " in line)
+        assert line.rstrip().endswith("no secret, key or token"), line
+        assert "✓" in line
+    deliveries = section(out, "▸ Deliveries")
+    for message, integration in (("notice-5150", "m365-keyless"), ("digest-12", "workspace-keyless")):
+        assert re.search(rf"{message}\s+{integration}\s+sent\s+1\s+250 2\.0\.0 OK", deliveries), deliveries
