@@ -40,6 +40,7 @@ def keyless(
     name,
     *,
     subjects=None,
+    audiences=(),
     users=None,
     delegated=None,
     sign=True,
@@ -49,7 +50,9 @@ def keyless(
     integration_id = f"{name}-{pipeline.uid}"
     account = f"{name}-{pipeline.uid}@mailbroker-sandbox.iam.gserviceaccount.com"
     if register:
-        registered = google.register_provider(PROVIDER, web_identity.issuer, allowed_subjects=subjects)
+        registered = google.register_provider(
+            PROVIDER, web_identity.issuer, allowed_subjects=subjects, allowed_audiences=audiences
+        )
         principal = GoogleFederation.principal(registered, SANDBOX_ROLE)
         google.register_service_account(
             account,
@@ -127,6 +130,7 @@ def test_second_request_is_served_from_the_cache_without_another_exchange(
     ("case", "code", "hint_says"),
     [
         ("attribute-condition", "token_federation_mismatch", "attribute condition"),
+        ("audience", "token_federation_mismatch", "allowed audiences"),
         ("unknown-provider", "token_federation_mismatch", "workload_identity.audience"),
         ("not-workload-user", "token_impersonation_denied", "roles/iam.workloadIdentityUser"),
         ("sign-jwt-denied", "token_impersonation_denied", "serviceAccountTokenCreator"),
@@ -138,6 +142,7 @@ def test_each_keyless_google_failure_is_classified(
 ):
     options = {
         "attribute-condition": {"subjects": {"arn:aws:iam::123456789012:role/another"}},
+        "audience": {"audiences": ("https://example.com/some-other-audience",)},
         "unknown-provider": {"provider": PROVIDER.replace("/providers/aws", "/providers/missing")},
         "not-workload-user": {"users": set()},
         "sign-jwt-denied": {"sign": False},
