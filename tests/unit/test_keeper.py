@@ -22,6 +22,8 @@ from mailbroker.tokens.model import IssuedToken
 from mailbroker.tokens.store import TokenStore
 from moto import mock_aws
 
+from mailbroker_sandbox.moto_atomic import atomic_item_writes
+
 TABLE = "tokens"
 PREFIX = "mailbroker/"
 
@@ -139,7 +141,9 @@ class World:
 
 @pytest.fixture
 def world():
-    with mock_aws():
+    # The keepers of one test run on threads: moto's DynamoDB item operations are made atomic, as
+    # the real service's are, or two threads could both pass one conditional write.
+    with mock_aws(), atomic_item_writes():
         yield World(Clock())
 
 
