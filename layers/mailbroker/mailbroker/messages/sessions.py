@@ -16,8 +16,9 @@ therefore counts every connection the server may still hold. An idle session giv
 sooner when it can: a sender refused a slot marks the integration wanted, and a batch that ends
 while it is wanted closes its session instead of parking it; an environment that wakes past the
 idle time closes its stale sessions and releases their slots. The environment's next invocation
-takes a parked session back by renewing its slot's lease (one conditional write, which also
-proves the slot is still this session's; if not, the session is closed and a new one opened).
+takes a parked session back without a write while its lease still outlasts the invocation (a live
+slot is nobody else's); otherwise it renews the lease with one conditional write, which also
+proves the slot is still this session's (if not, the session is closed and a new one opened).
 Its first transaction starts with an RSET pipelined with MAIL (the transport's reuse probe); a
 session the server closed meanwhile is reconnected before MAIL, so it never costs a message. A
 session is not taken back past its idle time, when the integration's transport, server, account
@@ -226,17 +227,26 @@ class SessionPool:
         return session
 
     def _take_parked(self, integration: Integration) -> _Open | None:
-        """This environment's parked session for the integration, its slot renewed for this
-        invocation; None when there is none to take back."""
+        """This environment's parked session for the integration, its slot leased for at least
+        this invocation; None when there is none to take back."""
         if self._idle is None:
             return None
         entry, stale = self._idle.take(integration)
         for old in stale:
             self._close(old)
-        if entry is None or not self._renew(entry, self._lease_seconds):
+        if entry is None:
+            return None
+        if not self._leased_for_invocation(entry) and not self._renew(entry, self._lease_seconds):
             return None
         integration_metric("SmtpSessionReused", integration.id, 1)
         return entry
+
+    def _leased_for_invocation(self, entry: _Open) -> bool:
+        """Whether the parked lease still outlasts this invocation's (it usually does: it runs to
+        the server's idle timeout). A live slot is nobody else's, so renewing it then would
+        prove nothing and cost a write; the batch's end renews it when it parks the session."""
+        slot = entry.slot
+        return slot is not None and slot.expires_at - self._clock() >= self._lease_seconds
 
     def _renew(self, entry: _Open, lease_seconds: float, *, parking: bool = False) -> bool:
         """Move the session's slot lease to ``lease_seconds`` from now. False (the session
