@@ -298,9 +298,6 @@ class _IntegrationBase(_Model):
     def uses_refresh_token(self) -> bool:
         return False
 
-    def allowed_senders(self) -> set[str]:
-        return {s.email.lower() for s in self.senders} | {self.username.lower()}
-
     def default_sender(self) -> Sender:
         """Who a message without ``from`` is sent as: the first of ``senders``, else ``username``."""
         return self.senders[0] if self.senders else Sender(email=self.username)
