@@ -847,6 +847,35 @@ def test_a_retryable_failure_on_the_last_receive_sqs_allows_is_dead_lettered_wit
     assert letter["attributes"]["error_code"] == "expired"
 
 
+def test_a_message_still_waiting_for_a_connection_on_its_last_receive_fails_with_a_status_record(
+    pipeline: MailPipeline,
+) -> None:
+    # Given a mailbox allowed one connection, held by an idle session of environment A,
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600, "max_connections": 1})
+    assert pipeline.deliver(pipeline.message(integration)) == []
+    # a message for it that environment B has received as often as the queue allows,
+    waiting = pipeline.message(integration)
+    pipeline.post(waiting)
+    policy = pipeline.sqs.get_queue_attributes(QueueUrl=pipeline.queue_url, AttributeNames=["RedrivePolicy"])
+    limit = json.loads(policy["Attributes"]["RedrivePolicy"])["maxReceiveCount"]
+    for _ in range(limit - 1):  # put back while the slot was taken
+        pipeline.make_visible(pipeline.receive())
+    event = pipeline.receive()
+    assert event["Records"][0]["attributes"]["ApproximateReceiveCount"] == str(limit)
+
+    # is failed by B on that receive, never dropped by SQS without a record:
+    with another_environment():
+        assert pipeline.run(event) == []
+
+    status = pipeline.status(waiting["id"])
+    assert (status["status"], status["last_error"]["code"]) == ("failed", "expired")
+    assert status["last_error"]["last_error"]["code"] == "throttled"
+    [letter] = pipeline.dead_letter_messages()
+    attributes = letter["attributes"]
+    assert (attributes["error_code"], attributes["message_id"]) == ("expired", waiting["id"])
+    assert pipeline.queue_depth() == (0, 0)
+
+
 def test_a_throttled_reply_holds_back_the_rest_of_the_batch_without_counting_attempts(
     pipeline: MailPipeline,
 ) -> None:

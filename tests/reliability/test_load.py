@@ -14,6 +14,7 @@ The default run sends 60 messages; ``--long`` sends 1,000. The figures are print
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import random
@@ -21,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,7 @@ from tests.reliability import load_worker
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 WORKERS = 4
+RECEIVE_BUDGET = 100_000  # see receive_budget
 TRANSIENT, PERMANENT = 0.05, 0.01
 # name: (provider, limits). Two connections per mailbox against four environments: the
 # semaphore is contended all the time. One mailbox is paced by its message bucket too.
@@ -67,9 +70,31 @@ def load(stack, aws_env, token_server, ca_trust_env, sandbox_ca, monkeypatch):
     smtp = TimedSmtpServer(sandbox_ca, verify_token=gate).start()
     pipeline = MailPipeline(stack, env, token_server, smtp, gate, monkeypatch, lambda **_: smtp)
     pipeline.drain()
-    yield pipeline, {**aws_env, **ca_trust_env, **env}
-    pipeline.drain()
-    smtp.stop()
+    try:
+        with receive_budget(pipeline, RECEIVE_BUDGET):
+            yield pipeline, {**aws_env, **ca_trust_env, **env}
+    finally:
+        pipeline.drain()
+        smtp.stop()
+
+
+@contextlib.contextmanager
+def receive_budget(p: MailPipeline, receives: int) -> Iterator[None]:
+    """The send queue's maxReceiveCount set to ``receives`` while the load runs, then restored.
+
+    The workers let every delay the sender asks for pass at once, so a message waiting for a
+    mailbox's connection slot is received again within milliseconds instead of seconds: its
+    receive count climbs far faster than under SQS, and the template's budget would be spent in
+    a few seconds of contention. What the sender does on the last receive is proven on its own
+    (``test_sender_pipeline``: failed with a status record and dead-lettered)."""
+    attributes = p.sqs.get_queue_attributes(QueueUrl=p.queue_url, AttributeNames=["RedrivePolicy"])
+    declared = attributes["Attributes"]["RedrivePolicy"]
+    policy = json.loads(declared) | {"maxReceiveCount": receives}
+    p.sqs.set_queue_attributes(QueueUrl=p.queue_url, Attributes={"RedrivePolicy": json.dumps(policy)})
+    try:
+        yield
+    finally:
+        p.sqs.set_queue_attributes(QueueUrl=p.queue_url, Attributes={"RedrivePolicy": declared})
 
 
 @pytest.mark.slow

@@ -214,6 +214,18 @@ class Outcomes:
         integration_metric("MessagesRetried", integration_id, 1, code=error.code)
         raise RetryLater(attempt.message_id, delay, error.code)
 
+    def _load_for_outcome(self, attempt: Attempt) -> None:
+        """A message that fails before its id was claimed (put back on its last receive while it
+        waited for a connection slot) still gets its status record: read it first, as the claim
+        would have. A store that cannot answer leaves the dead letter to carry the outcome."""
+        if attempt.loaded or not attempt.message_id:
+            return
+        try:
+            attempt.seen = attempt.before = self.statuses.load(attempt.message_id)
+        except MailbrokerError:
+            return
+        attempt.loaded = True
+
     def _cycle_start(self, item: QueuedRecord, before: MessageRecord | None, now: float) -> float:
         """When the current delivery of the id began: the queue's SentTimestamp, or the moment
         it came back after a failure (a re-drive starts the clock again)."""
@@ -258,6 +270,7 @@ class Outcomes:
         recorded = error_record(error)
         if last_error is not None:
             recorded["last_error"] = error_record(last_error)
+        self._load_for_outcome(attempt)
         if attempt.loaded and not settled_elsewhere(attempt.seen, self.holder, now):
             try:
                 self.statuses.failed(
