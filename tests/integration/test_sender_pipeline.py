@@ -23,6 +23,8 @@ import pytest
 from mailbroker import runtime
 from mailbroker.messages.mime import build_mime
 from mailbroker.messages.models import parse_message
+from mailbroker.messages.received import put_back_delay
+from mailbroker.messages.sessions import IDLE_LEASE_MARGIN_SECONDS, SERVER_IDLE_SECONDS
 
 from tests.fixtures.events import context
 from tests.fixtures.pipeline import MailPipeline, start_pipeline
@@ -845,6 +847,31 @@ def test_a_retryable_failure_on_the_last_receive_sqs_allows_is_dead_lettered_wit
     assert status["last_error"]["last_error"]["code"] == "smtp_transient"
     [letter] = pipeline.dead_letter_messages()
     assert letter["attributes"]["error_code"] == "expired"
+
+
+def test_a_message_put_back_again_and_again_waits_longer_each_time(pipeline: MailPipeline) -> None:
+    # Given a mailbox allowed one connection, held by an idle session of environment A,
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600, "max_connections": 1})
+    assert pipeline.deliver(pipeline.message(integration)) == []
+    waiting = pipeline.message(integration)
+    pipeline.post(waiting)
+
+    # environment B puts the message back on each receive, later each time,
+    delays = []
+    with another_environment():
+        for _ in range(24):
+            event = pipeline.receive()
+            assert len(pipeline.run(event)) == 1
+            delays.append(pipeline.delays()[-1])
+            pipeline.make_visible(event)
+
+    assert delays[0] <= 5 and delays == sorted(delays) and delays[-1] >= 6
+    assert (pipeline.status(waiting["id"]) or {}).get("attempts", 0) == 0
+    # so the queue's receives outlast a parked session's hold on the slot.
+    policy = pipeline.sqs.get_queue_attributes(QueueUrl=pipeline.queue_url, AttributeNames=["RedrivePolicy"])
+    limit = json.loads(policy["Attributes"]["RedrivePolicy"])["maxReceiveCount"]
+    budget = sum(put_back_delay(delays[0], n) for n in range(1, limit))
+    assert budget > SERVER_IDLE_SECONDS + IDLE_LEASE_MARGIN_SECONDS
 
 
 def test_a_message_still_waiting_for_a_connection_on_its_last_receive_fails_with_a_status_record(

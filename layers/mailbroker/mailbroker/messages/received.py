@@ -45,6 +45,19 @@ if TYPE_CHECKING:
 DEAD_LETTER_RETRY_SECONDS = 60
 # Failures after which the integration's pace is slowed and the rest of the batch waits.
 SLOWS_DOWN = frozenset({"throttled", "quota_exceeded"})
+# Every put-back spends one receive of the send queue's maxReceiveCount. A message put back again
+# and again waits a little longer each time (its receive count ÷ this), so the template's budget
+# of 100 receives lasts over twenty minutes: longer than the longest hold on a connection slot, a
+# parked session's lease of about ten minutes in an environment Lambda no longer invokes.
+PUT_BACK_RECEIVES_PER_SECOND = 4
+
+
+def put_back_delay(seconds: float, receive_count: int) -> int:
+    """The whole seconds a message put back on its ``receive_count``-th receive waits: what was
+    asked, at least one, and at least the receive count ÷ :data:`PUT_BACK_RECEIVES_PER_SECOND`."""
+    return max(1, math.ceil(seconds), math.ceil(receive_count / PUT_BACK_RECEIVES_PER_SECOND))
+
+
 _ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 _DECLARED = r'"{name}"\s*:\s*"([\x21\x23-\x5b\x5d-\x7e]{{1,256}})"'
 
@@ -157,7 +170,7 @@ class Outcomes:
         """Back on the queue without counting an attempt; raises :class:`RetryLater`."""
         if self._last_receive(item):
             return self.expire(item, attempt, MailbrokerError(reason, code=code), item.receive_count)
-        delay = max(1, math.ceil(seconds))
+        delay = put_back_delay(seconds, item.receive_count)
         self.queue.delay(item.receipt_handle, delay)
         logger.info(
             "message put back without counting an attempt",
