@@ -23,7 +23,13 @@ from mailbroker.errors import InvalidIntegration, UnknownIntegration, classify_t
 from mailbroker.integrations import DEFAULT_GOOGLE_TOKEN_URI, GOOGLE_MAIL_SCOPE, parse_integration, unredacted
 
 from mailbroker_cli.context import CliError, Context
-from mailbroker_cli.integrations import parse_sender, read_json, report_invalid, secret_from_flags
+from mailbroker_cli.integrations import (
+    apply_mailbox_flags,
+    read_json,
+    report_invalid,
+    require_for_new,
+    secret_from_flags,
+)
 from mailbroker_cli.output import Output
 
 GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/auth"
@@ -129,24 +135,16 @@ def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
     secret = secret_from_flags(args, "client_secret")
     if secret:
         document["client_secret"] = secret
-    if args.sender:
-        document["senders"] = [parse_sender(s) for s in args.sender]
-    smtp = dict(document.get("smtp") or {})
-    for flag, key in (("smtp_host", "host"), ("smtp_port", "port"), ("security", "security")):
-        if getattr(args, flag):
-            smtp[key] = getattr(args, flag)
-    document["smtp"] = smtp
+    apply_mailbox_flags(document, args)
     document.setdefault("token_uri", DEFAULT_GOOGLE_TOKEN_URI)
-    missing = [
-        f"--{k.replace('_', '-')}" for k in ("client_id", "client_secret", "username") if not document.get(k)
-    ]
-    if missing:
-        raise CliError(
-            f"integration {args.id!r} does not exist yet and {', '.join(missing)} is missing",
-            hint="Give the OAuth client (Desktop app) from Google Cloud console > APIs & Services > "
-            "Credentials with --client-secrets FILE, or --client-id and --client-secret; and the mailbox "
-            "with --username.",
-        )
+    require_for_new(
+        document,
+        args.id,
+        ("client_id", "client_secret", "username"),
+        hint="Give the OAuth client (Desktop app) from Google Cloud console > APIs & Services > "
+        "Credentials with --client-secrets FILE, or --client-id and --client-secret; and the mailbox "
+        "with --username.",
+    )
     return document
 
 

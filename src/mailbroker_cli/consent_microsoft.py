@@ -26,7 +26,12 @@ from mailbroker.integrations import (
 )
 
 from mailbroker_cli.context import CliError, Context
-from mailbroker_cli.integrations import parse_sender, report_invalid, secret_from_flags
+from mailbroker_cli.integrations import (
+    apply_mailbox_flags,
+    report_invalid,
+    require_for_new,
+    secret_from_flags,
+)
 from mailbroker_cli.output import Output
 
 _RESERVED = frozenset({"offline_access", "openid", "profile"})
@@ -151,24 +156,16 @@ def _document(args: argparse.Namespace, existing: Any) -> dict[str, Any]:
     if secret:
         document["client_secret"] = secret
         document.pop("client_certificate", None)
-    if args.sender:
-        document["senders"] = [parse_sender(s) for s in args.sender]
-    smtp = dict(document.get("smtp") or {})
-    for flag, key in (("smtp_host", "host"), ("smtp_port", "port"), ("security", "security")):
-        if getattr(args, flag):
-            smtp[key] = getattr(args, flag)
-    document["smtp"] = smtp
-    missing = [
-        f"--{k.replace('_', '-')}" for k in ("tenant_id", "client_id", "username") if not document.get(k)
-    ]
-    if missing:
-        raise CliError(
-            f"integration {args.id!r} does not exist yet and {', '.join(missing)} is missing",
-            hint="Register an app in Entra admin center > App registrations (for Outlook.com accounts: "
-            "'personal Microsoft accounts', tenant consumers), add the delegated permission "
-            "Office 365 Exchange Online > SMTP.Send, and enable 'Allow public client flows' for the "
-            "device code flow.",
-        )
+    apply_mailbox_flags(document, args)
+    require_for_new(
+        document,
+        args.id,
+        ("tenant_id", "client_id", "username"),
+        hint="Register an app in Entra admin center > App registrations (for Outlook.com accounts: "
+        "'personal Microsoft accounts', tenant consumers), add the delegated permission "
+        "Office 365 Exchange Online > SMTP.Send, and enable 'Allow public client flows' for the "
+        "device code flow.",
+    )
     return document
 
 

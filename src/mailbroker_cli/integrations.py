@@ -296,6 +296,31 @@ def parse_sender(text: str) -> dict[str, str]:
     return {"email": email.strip(), **({"name": name.strip()} if name.strip() else {})}
 
 
+def apply_mailbox_flags(document: dict[str, Any], args: argparse.Namespace) -> None:
+    """A consent command's ``--sender`` and SMTP flags (``--smtp-host``, ``--smtp-port``,
+    ``--security``), over what ``document`` holds."""
+    if args.sender:
+        document["senders"] = [parse_sender(s) for s in args.sender]
+    smtp = dict(document.get("smtp") or {})
+    for flag, key in (("smtp_host", "host"), ("smtp_port", "port"), ("security", "security")):
+        if getattr(args, flag):
+            smtp[key] = getattr(args, flag)
+    document["smtp"] = smtp
+
+
+def require_for_new(
+    document: dict[str, Any], integration_id: str, fields: tuple[str, ...], hint: str
+) -> None:
+    """Refuses, naming the flags, when a consent command creating ``integration_id`` lacks any
+    of ``fields``."""
+    missing = [f"--{k.replace('_', '-')}" for k in fields if not document.get(k)]
+    if missing:
+        missing_flags = ", ".join(missing)
+        raise CliError(
+            f"integration {integration_id!r} does not exist yet and {missing_flags} is missing", hint=hint
+        )
+
+
 def read_json(path: str, stdin: Any = None) -> Any:
     try:
         raw = (stdin or sys.stdin).read() if path == "-" else Path(path).read_text(encoding="utf-8")

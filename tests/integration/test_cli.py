@@ -16,6 +16,7 @@ import webbrowser
 import pytest
 import requests
 from mailbroker import runtime
+from mailbroker.errors import UnknownIntegration
 from mailbroker.integrations import IntegrationStore, parse_integration
 
 from mailbroker_cli.main import main
@@ -657,6 +658,25 @@ def test_consent_google_renews_the_refresh_token_of_an_existing_integration(cli,
     renewed = cli.store.get("bo").refresh_token.get_secret_value()
     assert renewed != dead
     assert cli.tokens.issued(provider="google", client_id=client_id) >= 1
+
+
+@pytest.mark.parametrize(
+    ("provider", "given", "named"),
+    [
+        ("google", ["--username", "ana@gmail.example"], "--client-id, --client-secret is missing"),
+        ("microsoft", ["--client-id", "11111111-2222-3333-4444-555555555555"], "--tenant-id, --username"),
+    ],
+)
+def test_consent_for_a_new_integration_names_every_missing_flag_and_stores_nothing(
+    cli, provider, given, named
+):
+    code, _, err = cli("consent", provider, "fresh", *given, *cli.smtp_flags)
+
+    assert code != 0
+    assert "integration 'fresh' does not exist yet and " + named in err
+    assert "--smtp-host" not in err  # the SMTP flags given were taken, not asked for
+    with pytest.raises(UnknownIntegration):
+        cli.store.get("fresh")
 
 
 def test_consent_refused_in_the_browser_stores_nothing(cli, browser, token_server):
