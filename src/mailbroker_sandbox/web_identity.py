@@ -17,22 +17,18 @@ standard ``AWS_ENDPOINT_URL_STS`` (``environment()``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import re
-import socket
-import socketserver
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape
@@ -43,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from mailbroker_sandbox.ca import SandboxCA
+from mailbroker_sandbox.https import LoopbackHTTPSServer
 
 _log = logging.getLogger(__name__)
 
@@ -135,41 +132,16 @@ class _Handler(BaseHTTPRequestHandler):
         _log.debug("malformed request from %s", self.client_address[0])
 
 
-class LoopbackHTTPS(ThreadingHTTPServer):
-    """A threaded HTTPS server on 127.0.0.1 (TLS handshaken in the connection's thread) that hands
-    every request to ``route``. ``start()`` serves it on a daemon thread; ``stop()`` closes it."""
-
-    daemon_threads = True
+class LoopbackHTTPS(LoopbackHTTPSServer):
+    """The sandbox's HTTPS server on 127.0.0.1 handing every request to ``route``. ``start()``
+    serves it on a daemon thread; ``stop()`` closes it."""
 
     def __init__(self, ca: SandboxCA, route: Callable[[Request], Reply], name: str) -> None:
         self.route = route
-        self._context: ssl.SSLContext = ca.server_context()
         self._name = name
         self._thread: threading.Thread | None = None
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(None, ca.server_context(), _Handler, socket_timeout=_SOCKET_TIMEOUT)
         self.base_url = f"https://127.0.0.1:{self.server_port}"
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(_SOCKET_TIMEOUT)
-        try:
-            tls = self._context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError):
-            return
-        try:
-            _Handler(tls, client_address, self)
-        finally:
-            with contextlib.suppress(OSError):
-                tls.shutdown(socket.SHUT_WR)
-            tls.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        _log.debug("connection from %s failed", client_address[0], exc_info=True)
 
     def start(self) -> None:
         if self._thread is None:
