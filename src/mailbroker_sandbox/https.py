@@ -8,6 +8,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,7 +36,27 @@ class LoopbackHTTPSServer(ThreadingHTTPServer):
         self._handler = handler
         self._socket_timeout = socket_timeout
         self._on_connected = on_connected
+        self._thread: threading.Thread | None = None
+        self._closed = False
         super().__init__(("127.0.0.1", 0), handler)
+
+    def serve_in_background(self, name: str) -> None:
+        """Serve on a daemon thread named ``name`` (once; later calls do nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving, wait for the serving thread, and close the socket (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(timeout=5)
+        self.server_close()
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # without HTTPServer's reverse DNS lookup

@@ -211,7 +211,6 @@ class MailApiServer:
         self._lock = threading.Lock()
         self._mailboxes: dict[str, _Mailbox] = {}
         self._faults: list[_Fault] = []
-        self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.received: list[ApiMessage] = []
         self.connections = 0
@@ -226,24 +225,12 @@ class MailApiServer:
     # lifecycle
 
     def start(self) -> MailApiServer:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"sandbox-mail-apis-{self.port}",
-                daemon=True,
-            )
-            self._thread.start()
+        self._httpd.serve_in_background(f"sandbox-mail-apis-{self.port}")
         return self
 
     def stop(self) -> None:
-        if self._stopping.is_set():
-            return
         self._stopping.set()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-        self._httpd.server_close()
+        self._httpd.close()
 
     def __enter__(self) -> MailApiServer:
         return self.start()

@@ -372,7 +372,6 @@ class TokenServer:
         self.deny_consent = False  # the consent screen answers access_denied
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         public_der = self._signing_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -407,25 +406,13 @@ class TokenServer:
     # lifecycle
 
     def start(self) -> TokenServer:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"sandbox-token-server-{self._httpd.server_port}",
-                daemon=True,
-            )
-            self._thread.start()
-            _log.debug("token server listening on %s", self.base_url)
+        self._httpd.serve_in_background(f"sandbox-token-server-{self._httpd.server_port}")
+        _log.debug("token server listening on %s", self.base_url)
         return self
 
     def stop(self) -> None:
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-        self._httpd.server_close()
+        self._stopping.set()  # ends the waits of answers told to drop late
+        self._httpd.close()
 
     def __enter__(self) -> TokenServer:
         return self.start()

@@ -139,22 +139,14 @@ class LoopbackHTTPS(LoopbackHTTPSServer):
     def __init__(self, ca: SandboxCA, route: Callable[[Request], Reply], name: str) -> None:
         self.route = route
         self._name = name
-        self._thread: threading.Thread | None = None
         super().__init__(None, ca.server_context(), _Handler, socket_timeout=_SOCKET_TIMEOUT)
         self.base_url = f"https://127.0.0.1:{self.server_port}"
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self.serve_forever, kwargs={"poll_interval": 0.05}, name=self._name, daemon=True
-            )
-            self._thread.start()
+        self.serve_in_background(self._name)
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
+        self.close()
         self.server_close()
 
 
