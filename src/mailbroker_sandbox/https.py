@@ -12,8 +12,32 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 _log = logging.getLogger(__name__)
+
+
+class SandboxRequestHandler(BaseHTTPRequestHandler):
+    """What every sandbox stand-in's handler shares: GET and POST go to ``_serve(method)``, no
+    Python version in the Server header, and requests logged at debug level only (by path: a
+    query may hold a code or a token)."""
+
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def _serve(self, method: str) -> None:
+        raise NotImplementedError
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        _log.debug("%s %s -> %s", self.command, urlsplit(self.path).path, code)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        _log.debug("malformed request from %s", self.client_address[0])
 
 
 class LoopbackHTTPSServer(ThreadingHTTPServer):

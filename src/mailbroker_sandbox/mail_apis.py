@@ -35,12 +35,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.policy import compat32
 from email.utils import getaddresses
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from mailbroker_sandbox.ca import SandboxCA
-from mailbroker_sandbox.https import LoopbackHTTPSServer
+from mailbroker_sandbox.https import LoopbackHTTPSServer, SandboxRequestHandler
 
 _log = logging.getLogger(__name__)
 
@@ -499,18 +498,11 @@ def _gmail_error(kind: str, message: str | None = None) -> _Reply:
     return _Reply(status, {"error": error}, headers)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(SandboxRequestHandler):
     server: _HTTPSServer
     protocol_version = "HTTP/1.1"  # keep-alive, as the real APIs
     server_version = "mailbroker-sandbox-apis/1"
-    sys_version = ""
     timeout = _IDLE_TIMEOUT
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_GET(self) -> None:
-        self._serve("GET")
 
     def _serve(self, method: str) -> None:
         parts = urlsplit(self.path)
@@ -544,12 +536,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        _log.debug("%s %s -> %s", self.command, urlsplit(self.path).path, code)
-
-    def log_error(self, format: str, *args: Any) -> None:
-        _log.debug("malformed request from %s", self.client_address[0])
 
 
 class _HTTPSServer(LoopbackHTTPSServer):

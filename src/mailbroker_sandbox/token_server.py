@@ -34,7 +34,6 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.message import Message
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
@@ -57,7 +56,7 @@ from mailbroker_sandbox.federated_credentials import (
     is_federated_assertion,
     verify_federated_assertion,
 )
-from mailbroker_sandbox.https import LoopbackHTTPSServer
+from mailbroker_sandbox.https import LoopbackHTTPSServer, SandboxRequestHandler
 
 _log = logging.getLogger(__name__)
 
@@ -276,17 +275,10 @@ def _pairs(text: str) -> tuple[dict[str, str], frozenset[str]]:
     return values, frozenset(repeated)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(SandboxRequestHandler):
     server: _HTTPSServer
     server_version = "mailbroker-sandbox/1"
-    sys_version = ""
     timeout = _SOCKET_TIMEOUT
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
 
     def _serve(self, method: str) -> None:
         app = self.server.app
@@ -344,12 +336,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.send_header("Pragma", "no-cache")
         super().end_headers()
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        _log.debug("%s %s -> %s", self.command, urlsplit(self.path).path, code)
-
-    def log_error(self, format: str, *args: Any) -> None:
-        _log.debug("malformed request from %s", self.client_address[0])
 
 
 class _HTTPSServer(LoopbackHTTPSServer):

@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from mailbroker_sandbox.ca import SandboxCA
-from mailbroker_sandbox.https import LoopbackHTTPSServer
+from mailbroker_sandbox.https import LoopbackHTTPSServer, SandboxRequestHandler
 
 _log = logging.getLogger(__name__)
 
@@ -89,17 +88,10 @@ class Reply:
         return cls(status, json.dumps(value).encode())
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(SandboxRequestHandler):
     server: LoopbackHTTPS
     server_version = "mailbroker-sandbox/1"
-    sys_version = ""
     timeout = _SOCKET_TIMEOUT
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
 
     def _serve(self, method: str) -> None:
         try:
@@ -124,12 +116,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(reply.body)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        _log.debug("%s %s -> %s", self.command, urlsplit(self.path).path, code)
-
-    def log_error(self, format: str, *args: Any) -> None:
-        _log.debug("malformed request from %s", self.client_address[0])
 
 
 class LoopbackHTTPS(LoopbackHTTPSServer):

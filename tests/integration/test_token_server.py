@@ -922,7 +922,7 @@ def test_no_secret_or_token_is_logged_or_written_to_stderr(
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="mailbroker_sandbox.token_server")
+    caplog.set_level(logging.DEBUG, logger="mailbroker_sandbox")  # the server's and its requests' logs
     refresh_token = server.issue_refresh_token(google_client.client_id, "ana@example.com")
     google_token = requests.post(
         server.google_token_uri, data=_refresh_form(google_client, refresh_token), timeout=5
@@ -935,6 +935,7 @@ def test_no_secret_or_token_is_logged_or_written_to_stderr(
     stderr = capfd.readouterr().err
 
     assert "issued a google access token" in logged
+    assert "POST /token -> 200" in logged  # each request, by path only
     for credential in (
         ms_app.secret,
         google_client.secret,
