@@ -321,12 +321,28 @@ def test_a_queued_batch_of_ten_costs_at_most_three_dynamodb_requests_a_message(
     # when the sender delivers them in one batch,
     assert pipeline.deliver(*messages) == []
 
-    # then each was claimed and recorded in one write apiece; the pace and the connection slot
-    # cost a read and a write (and a release) for the whole batch.
+    # then each was claimed in one write and the ten recorded `sent` in one request; the pace and
+    # the connection slot cost a read and a write (and a release) for the whole batch.
     assert len(pipeline.smtp.accepted) == 10
     assert all(pipeline.status(m["id"])["status"] == "sent" for m in messages)
     assert len(requests) <= 30, requests
     assert requests.count("GetItem") == 2  # the pace and the connection slot, once each
+    assert (requests.count("BatchWriteItem"), requests.count("PutItem")) == (1, 0)
+
+
+def test_a_second_copy_in_the_batch_that_sent_the_first_is_a_duplicate(pipeline: MailPipeline) -> None:
+    # The batch writes its `sent` records together at its end, but not after a copy of one of
+    # them is claimed: that copy must find the record `sent`, not `sending` under a live lease.
+    integration = pipeline.add("microsoft")
+    message, other = pipeline.message(integration), pipeline.message(integration)
+
+    assert pipeline.deliver(message, other, message) == []  # nothing put back
+
+    assert pipeline.delivered(message["id"]) == 1
+    assert pipeline.delivered(other["id"]) == 1
+    assert pipeline.status(message["id"])["status"] == "sent"
+    assert pipeline.status(other["id"])["status"] == "sent"
+    assert pipeline.delays() == []
 
 
 def test_places_in_the_pace_the_batch_did_not_use_are_given_back(pipeline: MailPipeline) -> None:
@@ -429,10 +445,11 @@ def test_a_second_batch_in_the_same_environment_reuses_the_idle_session(pipeline
         "before-call.dynamodb", lambda model, **_: requests.append(model.name), unique_id="count"
     )
     assert pipeline.deliver(*second) == []
-    # Taking the session back costs nothing: a claim and a `sent` per message, the pace
-    # (a read and a write), and one write to keep the slot when the session is parked again.
+    # Taking the session back costs nothing: a claim per message, the batch's `sent` records in
+    # one request, the pace (a read and a write), and one write to keep the slot when the session
+    # is parked again.
     assert sorted(requests) == sorted(
-        ["UpdateItem"] * 3 + ["PutItem"] * 3 + ["GetItem", "UpdateItem", "UpdateItem"]
+        ["UpdateItem"] * 3 + ["BatchWriteItem"] + ["GetItem", "UpdateItem", "UpdateItem"]
     )
 
     assert len(pipeline.smtp.accepted) == 6

@@ -115,3 +115,32 @@ def test_dynamodb_out_of_reach_is_an_outage_the_message_waits_out(mail_pipeline)
     assert p.delivered(message_id) == 1
     assert p.status(message_id)["status"] == "sent"
     assert p.dead_letters() == {}
+
+
+def test_sent_records_dynamodb_refuses_to_write_leave_the_messages_sent_once(mail_pipeline):
+    from botocore.exceptions import ClientError
+
+    p = mail_pipeline
+    integration = p.add("microsoft")
+    messages = [p.message(integration) for _ in range(3)]
+    for message in messages:
+        p.post(message)
+    throttled = ClientError(
+        {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"}},
+        "BatchWriteItem",
+    )
+    raise_inside("BatchWriteItem", throttled, times=3)  # the write and any retry of it
+
+    with sender_logs() as logs:
+        put_back = p.round()
+
+    # The server has every message: none is put back, so none is sent again.
+    assert put_back == []
+    assert sum(p.queue_depth()) == 0
+    assert [p.delivered(m["id"]) for m in messages] == [1, 1, 1]
+    unrecorded = [
+        r for r in logs.records if r.getMessage() == "message sent but its status could not be recorded"
+    ]
+    assert sorted(r.message_id for r in unrecorded) == sorted(m["id"] for m in messages)
+    # Their records still say `sending`: a copy that comes back is never sent again.
+    assert {p.status(m["id"])["status"] for m in messages} == {"sending"}

@@ -512,3 +512,12 @@ def test_web_identity_tokens_are_only_for_the_keyless_audiences_of_the_refreshin
         and "GetWebIdentityToken" in str(resource["Properties"]["PolicyDocument"])
     ]
     assert others == []
+
+
+def test_only_the_sender_batch_writes_and_only_status_records():
+    batch = [
+        s for s in role_statements("SenderFunction") if "dynamodb:BatchWriteItem" in as_list(s["Action"])
+    ]
+    assert [s["Resource"] for s in batch] == [{"Fn::GetAtt": ["MessageTable", "Arn"]}]
+    for function_id in ("TokenBrokerFunction", "KeeperFunction", "TrackingFunction"):
+        assert "dynamodb:BatchWriteItem" not in allowed_actions(function_id)

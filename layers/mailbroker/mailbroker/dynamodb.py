@@ -1,4 +1,4 @@
-"""The one way the stores talk to DynamoDB: get, conditional put and update, query.
+"""The one way the stores talk to DynamoDB: get, conditional put and update, batch put, query.
 
 Every store (token cache, message status, health records, send governor) keeps its items in a
 table keyed by ``pk`` and writes them with conditional expressions. :class:`Table` does the calls
@@ -20,13 +20,14 @@ Items travel in DynamoDB's attribute-value form (``{"N": "1"}``); :func:`number`
 :func:`integer`, :func:`text` and :func:`num` read and write the common shapes, :func:`iso` and
 :func:`epoch` turn the stored epoch seconds into the ISO 8601 times records show, and back.
 
-Another call (``BatchWriteItem``, ``TransactWriteItems``) is one more entry in ``_METHODS`` and a
+Another call (``TransactWriteItems``, say) is one more entry in ``_METHODS`` and a
 method that goes through ``_call``, which keeps the error handling in one place.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from typing import Any, overload
 
@@ -130,6 +131,26 @@ class Table:
             return False, refused.item
         return True, answer.get("Attributes") or None
 
+    def put_all(self, items: list[Item], *, rounds: int = 3) -> list[Item]:
+        """Write every item whole and unconditionally, up to 25 in one ``BatchWriteItem``. Items
+        DynamoDB answers as unprocessed (throttling inside a batch) are sent again, with back-off,
+        up to ``rounds`` times in all; answers the items still not written."""
+        left: list[Item] = []
+        for start in range(0, len(items), _BATCH_WRITE_LIMIT):
+            chunk = items[start : start + _BATCH_WRITE_LIMIT]
+            for attempt in range(rounds):
+                if attempt:
+                    time.sleep(0.025 * 2**attempt)
+                answer = self._call(
+                    "BatchWriteItem", RequestItems={self.name: [{"PutRequest": {"Item": i}} for i in chunk]}
+                )
+                unprocessed = answer.get("UnprocessedItems", {}).get(self.name, [])
+                chunk = [request["PutRequest"]["Item"] for request in unprocessed]
+                if not chunk:
+                    break
+            left.extend(chunk)
+        return left
+
     def query(
         self,
         key_condition: str,
@@ -217,7 +238,10 @@ class _ConditionFailed(Exception):
         self.item = item
 
 
+_BATCH_WRITE_LIMIT = 25  # items DynamoDB takes in one BatchWriteItem
+
 _METHODS = {
+    "BatchWriteItem": "batch_write_item",
     "GetItem": "get_item",
     "PutItem": "put_item",
     "UpdateItem": "update_item",

@@ -13,10 +13,15 @@
    lease puts the copy back until the lease ends; ``sending`` whose sender vanished means the
    message may have been delivered (``delivery_uncertain``: never resent automatically); a
    re-driven failure or a record past its window is claimed with a write on the version read;
-4. sends, and records ``sent`` with the server's final reply and any refused recipients.
+4. sends, and notes ``sent`` with the server's final reply and any refused recipients. The
+   batch's ``sent`` records are written together when the batch ends, 25 to a ``BatchWriteItem``
+   (a write that need not check anything: the id is this sender's), and before a second copy of
+   one of them is claimed.
 
-On the happy path that is two status writes per message, and per batch one governor read and
-write for the pace and, when a session is opened, for the connection slot.
+On the happy path that is one status write per message and one request per batch for the
+``sent`` records; per batch, the governor's pace and, when a session is opened or parked, a write
+for the connection slot. A sender that dies between a send and the end of its batch
+leaves those messages ``sending``: they end as ``delivery_uncertain``, never sent twice.
 
 Every failure is a classified :class:`MailbrokerError`. Retryable ones put the message back on
 the queue with the retry schedule's delay (``ChangeMessageVisibility``), status ``retrying``, and
@@ -61,7 +66,7 @@ from mailbroker.messages.received import (
 )
 from mailbroker.messages.recipients import Recipients, outstanding, refusals_of, settle
 from mailbroker.messages.sessions import DEFAULT_LEASE_SECONDS, IdleSessions, SessionPool
-from mailbroker.messages.status import ClaimRefused, MessageStatusStore, StatusConflict
+from mailbroker.messages.status import ClaimRefused, MessageRecord, MessageStatusStore, StatusConflict
 from mailbroker.observability import integration_metric, logger
 
 if TYPE_CHECKING:
@@ -84,6 +89,8 @@ DEFAULT_MIN_REMAINING_MS = 20_000
 # of one batch add up to at most the budget.
 DEFAULT_MAX_INLINE_WAIT = 5.0
 DEFAULT_INLINE_WAIT_BUDGET = 30.0
+# ``sent`` records written in one request (DynamoDB's BatchWriteItem takes 25 items).
+SENT_RECORDS_PER_WRITE = 25
 
 
 @dataclass
@@ -139,6 +146,8 @@ class Delivery:
         self._inline_budget = inline_wait_budget
         self._expected: Counter[str] = Counter()  # records of the batch not started, by integration
         self._places: dict[str, _Places] = {}
+        # ``sent`` records of this batch not written yet, by message id.
+        self._unrecorded: dict[str, MessageRecord] = {}
         self.sessions = SessionPool(
             token_broker,
             governor=governor,
@@ -168,9 +177,10 @@ class Delivery:
                 self._expected[integration] += 1
 
     def close(self) -> None:
-        """Give back the pace the batch took and did not use; park the batch's healthy SMTP
-        sessions in the execution environment (``idle_sessions``) or QUIT them, and release the
-        slots of those closed."""
+        """Write the batch's ``sent`` records; give back the pace the batch took and did not use;
+        park the batch's healthy SMTP sessions in the execution environment (``idle_sessions``) or
+        QUIT them, and release the slots of those closed."""
+        self._write_sent()
         places, self._places = self._places, {}
         for held in places.values():
             if self.governor is None:
@@ -340,6 +350,8 @@ class Delivery:
     def _claim(self, item: QueuedRecord, attempt: Attempt, integration_id: str) -> bool:
         """Claim the id (status ``sending``); False for a duplicate. Raises when the record says
         to wait or to stop."""
+        if attempt.message_id in self._unrecorded:
+            self._write_sent()  # a second copy of a message this batch sent: it finds ``sent``
         try:
             before, attempt.seen = self.statuses.claim(
                 attempt.message_id, integration_id, holder=self.holder, lease_seconds=self.lease_seconds
@@ -484,9 +496,10 @@ class Delivery:
         ).as_bytes()
 
     def _record_sent(self, attempt: Attempt, integration_id: str, reply: str, outcome: Recipients) -> None:
+        """Note the ``sent`` record; the batch's are written together (:meth:`_write_sent`)."""
         refused = outcome.refused_for_good()
         try:
-            self.statuses.sent(
+            self._unrecorded[attempt.message_id] = self.statuses.sent_record(
                 attempt.message_id,
                 integration_id,
                 attempt.seen,
@@ -494,18 +507,14 @@ class Delivery:
                 refused=refused,
                 recipients=list(outcome.entries),
             )
-        except MailbrokerError:
-            # The server has the message: deleting it from the queue is what prevents a resend.
-            logger.error(
-                "message sent but its status could not be recorded",
-                extra={"message_id": attempt.message_id, "integration": integration_id, "reply": reply},
-            )
         except Exception:
             # A bug in the status store: still, nothing after the send may cause a second one.
             logger.exception(
                 "message sent but its status could not be recorded",
                 extra={"message_id": attempt.message_id, "integration": integration_id, "reply": reply},
             )
+        if len(self._unrecorded) >= SENT_RECORDS_PER_WRITE:
+            self._write_sent()
         logger.info(
             "message sent",
             extra={
@@ -518,6 +527,24 @@ class Delivery:
         integration_metric("MessagesSent", integration_id, 1)
         if refused:
             integration_metric("RecipientsRefused", integration_id, len(refused))
+
+    def _write_sent(self) -> None:
+        """Write the ``sent`` records noted since the last time, in one request per 25. A record
+        that cannot be written is logged: the server has the message, and deleting it from the
+        queue is what prevents a resend."""
+        records, self._unrecorded = list(self._unrecorded.values()), {}
+        try:
+            left = self.statuses.record_all(records)
+        except MailbrokerError:
+            left = records
+        except Exception:
+            logger.exception("sent messages' status records could not be written")
+            left = records
+        for record in left:
+            logger.error(
+                "message sent but its status could not be recorded",
+                extra={"message_id": record.id, "integration": record.integration, "reply": record.reply},
+            )
 
     def _load(self, attempt: Attempt) -> None:
         attempt.seen = self.statuses.load(attempt.message_id)
