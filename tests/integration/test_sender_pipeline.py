@@ -24,7 +24,11 @@ from mailbroker import runtime
 from mailbroker.messages.mime import build_mime
 from mailbroker.messages.models import parse_message
 from mailbroker.messages.received import put_back_delay
-from mailbroker.messages.sessions import IDLE_LEASE_MARGIN_SECONDS, SERVER_IDLE_SECONDS
+from mailbroker.messages.sessions import (
+    IDLE_LEASE_MARGIN_SECONDS,
+    PARK_RENEWAL_SLACK_SECONDS,
+    SERVER_IDLE_SECONDS,
+)
 
 from tests.fixtures.events import context
 from tests.fixtures.pipeline import MailPipeline, start_pipeline
@@ -438,24 +442,36 @@ def test_a_second_batch_in_the_same_environment_reuses_the_idle_session(pipeline
     assert pipeline.deliver(*first) == []
     # Between invocations the session stays open, its slot leased as long as the server may
     # keep the connection.
-    [lease] = connection_leases(pipeline, integration).values()
-    assert lease <= time.time() + 600 + 5
+    [(slot, lease)] = connection_leases(pipeline, integration).items()
+    assert lease <= time.time() + SERVER_IDLE_SECONDS + IDLE_LEASE_MARGIN_SECONDS + PARK_RENEWAL_SLACK_SECONDS
     requests: list[str] = []
     runtime.aws_client("dynamodb").meta.events.register(
         "before-call.dynamodb", lambda model, **_: requests.append(model.name), unique_id="count"
     )
     assert pipeline.deliver(*second) == []
-    # Taking the session back costs nothing: a claim per message, the batch's `sent` records in
-    # one request, the pace (a read and a write), and one write to keep the slot when the session
-    # is parked again.
-    assert sorted(requests) == sorted(
-        ["UpdateItem"] * 3 + ["BatchWriteItem"] + ["GetItem", "UpdateItem", "UpdateItem"]
-    )
+    # Taking the session back costs nothing, and so does parking it again while the lease the
+    # first batch renewed still covers the server's idle timeout: a claim per message, the batch's
+    # `sent` records in one request, and the pace (a read and a write).
+    assert sorted(requests) == sorted(["UpdateItem"] * 3 + ["BatchWriteItem"] + ["GetItem", "UpdateItem"])
 
     assert len(pipeline.smtp.accepted) == 6
     assert (pipeline.smtp.connections, pipeline.smtp.auth_attempts) == (1, 1)
     assert all(pipeline.status(m["id"])["status"] == "sent" for m in first + second)
-    assert len(connection_leases(pipeline, integration)) == 1  # still one slot, renewed
+    assert connection_leases(pipeline, integration) == {slot: lease}  # still one slot, as renewed
+
+
+def test_a_session_parked_past_the_renewal_slack_renews_its_lease(pipeline: MailPipeline) -> None:
+    integration = pipeline.add("microsoft", limits={"messages_per_minute": 600, "max_connections": 3})
+    assert pipeline.deliver(pipeline.message(integration)) == []
+    [first_lease] = connection_leases(pipeline, integration).values()
+
+    age_parked_sessions(PARK_RENEWAL_SLACK_SECONDS)  # the slack spent: the lease no longer covers
+    assert pipeline.deliver(pipeline.message(integration)) == []
+
+    [renewed] = connection_leases(pipeline, integration).values()
+    assert renewed > first_lease  # renewed from now, as long as the server may keep the connection
+    assert renewed >= time.time() + SERVER_IDLE_SECONDS + IDLE_LEASE_MARGIN_SECONDS
+    assert (pipeline.smtp.connections, pipeline.smtp.auth_attempts) == (1, 1)
 
 
 @pytest.mark.parametrize("announce", [True, False], ids=["421-then-close", "reset-without-a-word"])
@@ -510,8 +526,10 @@ def test_an_idle_session_keeps_the_mailboxs_only_slot_and_gives_it_up_when_anoth
         assert len(pipeline.deliver(waiting)) == 1
     assert (pipeline.status(waiting["id"]) or {}).get("attempts", 0) == 0
 
-    # A's next batch sends it on the idle session, then closes the session and frees the slot,
+    # A's next batch, once A's lease needs renewing (a few seconds on), sends it on the idle
+    # session, then closes the session and frees the slot,
     pipeline.pass_time()
+    age_parked_sessions(PARK_RENEWAL_SLACK_SECONDS)
     assert pipeline.run(pipeline.receive()) == []
     assert pipeline.status(waiting["id"])["status"] == "sent"
     assert pipeline.smtp.connections == 1

@@ -19,6 +19,9 @@ idle time closes its stale sessions and releases their slots. The environment's 
 takes a parked session back without a write while its lease still outlasts the invocation (a live
 slot is nobody else's); otherwise it renews the lease with one conditional write, which also
 proves the slot is still this session's (if not, the session is closed and a new one opened).
+Parking renews the lease with a few seconds to spare (:data:`PARK_RENEWAL_SLACK_SECONDS`), so a
+session parked again within them, as a busy environment's is after each batch, costs no write; a
+waiting sender is then noticed at the next renewal, a few seconds later.
 Its first transaction starts with an RSET pipelined with MAIL (the transport's reuse probe); a
 session the server closed meanwhile is reconnected before MAIL, so it never costs a message. A
 session is not taken back past its idle time, when the integration's transport, server, account
@@ -89,7 +92,13 @@ SERVER_IDLE_SECONDS = 600.0
 IDLE_LEASE_MARGIN_SECONDS = 5.0
 
 
-_PARKED_LEASE_SECONDS = SERVER_IDLE_SECONDS + IDLE_LEASE_MARGIN_SECONDS
+# A parked session's lease is renewed with this much to spare, so a session parked again within
+# that time needs no write: its lease still covers the server's idle timeout from now. The price:
+# a sender waiting for the slot (``wanted``) is noticed at the next renewal, up to this much later,
+# about as long as a refused sender waits before asking again anyway.
+PARK_RENEWAL_SLACK_SECONDS = 5.0
+_IDLE_COVER_SECONDS = SERVER_IDLE_SECONDS + IDLE_LEASE_MARGIN_SECONDS
+_PARKED_LEASE_SECONDS = _IDLE_COVER_SECONDS + PARK_RENEWAL_SLACK_SECONDS
 
 
 @dataclass
@@ -285,8 +294,16 @@ class SessionPool:
             entry = self._open.pop(integration_id)
             if not self._parkable(integration_id, entry):
                 self._close(entry)
-            elif self._idle is not None and self._renew(entry, _PARKED_LEASE_SECONDS, parking=True):
+            elif self._idle is not None and (
+                self._covers_server_idle(entry) or self._renew(entry, _PARKED_LEASE_SECONDS, parking=True)
+            ):
                 self._idle.park(integration_id, entry)
+
+    def _covers_server_idle(self, entry: _Open) -> bool:
+        """Whether the session's lease, renewed less than :data:`PARK_RENEWAL_SLACK_SECONDS` ago,
+        still runs past the server's idle timeout from now: parking it then needs no write."""
+        slot = entry.slot
+        return slot is not None and slot.leased and slot.expires_at - self._clock() >= _IDLE_COVER_SECONDS
 
     def _parkable(self, integration_id: str, entry: _Open) -> bool:
         held = integration_id in self._held_until or integration_id in self._broken
