@@ -50,7 +50,8 @@ def lambda_env(function: str | None) -> dict[str, str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "POWERTOOLS_SERVICE_NAME": "mailbroker",
         "POWERTOOLS_METRICS_NAMESPACE": "Mailbroker",
-        "PYTHONPATH": task_root,
+        # The layer's package where Lambda puts a layer's python/ directory: after the task root.
+        "PYTHONPATH": os.pathsep.join([task_root, str(LAYER)]),
     }
 
 

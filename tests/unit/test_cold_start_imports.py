@@ -18,7 +18,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HANDLERS = sorted(p.parent.name for p in (ROOT / "functions").glob("*/app.py"))
-LAZY = ("msal", "google.auth", "google.oauth2", "smtplib", "mailbroker.smtp.transport")
+LAZY = (
+    "msal",
+    "google.auth",
+    "google.oauth2",
+    "smtplib",
+    "mailbroker.smtp.transport",
+    "mailbroker.messages.models",
+    "mailbroker.messages.mime",
+    "aws_lambda_powertools.utilities.batch",
+)
 
 PROBE = """
 import json, sys
@@ -42,7 +51,8 @@ def imported(request: pytest.FixtureRequest) -> dict[str, object]:
         "AWS_REGION": "us-east-1",
         "AWS_DEFAULT_REGION": "us-east-1",
         "POWERTOOLS_SERVICE_NAME": "mailbroker",
-        "PYTHONPATH": str(task_root),
+        # The layer's package where Lambda puts a layer's python/ directory: after the task root.
+        "PYTHONPATH": os.pathsep.join([str(task_root), str(ROOT / "layers" / "mailbroker")]),
     }
     done = subprocess.run(
         [sys.executable, "-c", PROBE],

@@ -4,13 +4,14 @@ delivery events on EventBridge out, partial batch failures back (``ReportBatchIt
 A record whose events could not be put raises, so the batch reports it and the stream delivers it
 (and those after it) again: an event is never lost once its record is written. Records that
 announce nothing (``queued``, ``sending``, tokens, leases) succeed without a call.
+
+Powertools' batch utility is imported by the first batch, not when the module is, as the sender
+does: the function's cold start pays only for what answering Lambda needs.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 
 from mailbroker import runtime
 from mailbroker.events import events_for_change
@@ -19,6 +20,8 @@ from mailbroker.settings import EventPublisherSettings, get_settings
 
 
 def handle(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+
     publisher = runtime.event_publisher(get_settings(EventPublisherSettings))
     processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
 

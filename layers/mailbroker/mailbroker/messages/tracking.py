@@ -22,12 +22,14 @@ import json
 import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from mailbroker.errors import aws_failure
-from mailbroker.integrations import Tracking
-from mailbroker.messages.models import OutgoingMessage
+
+if TYPE_CHECKING:  # the tracking function verifies links without the message models
+    from mailbroker.integrations import Tracking
+    from mailbroker.messages.models import OutgoingMessage
 
 OPEN = "o"
 CLICK = "c"
