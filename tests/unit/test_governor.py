@@ -576,3 +576,240 @@ def test_missing_table_is_aws_unavailable_not_a_delay(dynamodb, clock):
 
     with pytest.raises(AwsUnavailable):
         governor.open_connection("m365", M365, holder="a", lease_seconds=60)
+
+
+# ---------------------------------------------------------------- one write a batch
+
+
+@pytest.fixture
+def requests_made(dynamodb):
+    """The DynamoDB operations the ``dynamodb`` client sends, in order."""
+    made: list[str] = []
+    dynamodb.meta.events.register(
+        "before-call.dynamodb", lambda model, **_: made.append(model.name), unique_id="count"
+    )
+    return made
+
+
+def bucket(dynamodb, integration_id: str) -> dict:
+    return dynamodb.get_item(TableName=TABLE, Key={"pk": {"S": f"gov#{integration_id}#rate"}}).get("Item", {})
+
+
+def test_a_batch_takes_its_places_in_a_full_bucket_with_one_write_and_no_read(governor, requests_made):
+    grant = governor.take_messages("m365", M365, 10)
+
+    assert grant.granted == 3
+    assert requests_made == ["UpdateItem"]
+
+
+def test_a_batch_takes_its_places_in_a_refilling_bucket_with_one_write(governor, clock, requests_made):
+    # Given a bucket this environment left partly taken (one place out of three),
+    governor.take_messages("m365", M365, 1)
+    clock.now += 0.5
+    requests_made.clear()
+
+    # when the next batch comes before it has refilled, it takes the two places left in one write,
+    assert governor.take_messages("m365", M365, 10).granted == 2
+    # and so does one after the bucket has refilled by a place.
+    clock.now += 60 / 28
+    assert governor.take_messages("m365", M365, 10).granted == 1
+    assert requests_made == ["UpdateItem", "UpdateItem"]
+    with pytest.raises(GovernorDelay):
+        governor.take_messages("m365", M365, 1)
+
+
+def test_a_stale_guess_costs_one_refused_write_and_one_exact_write_never_a_read(
+    governor, clock, dynamodb, requests_made
+):
+    # Given an environment that last left the bucket with two places of three,
+    governor.take_messages("m365", M365, 1)
+    # and another that took both since,
+    assert another_environment(clock).take_messages("m365", M365, 2).granted == 2
+    clock.now += 60 / 28 + 0.001  # one place refills
+    requests_made.clear()
+
+    # when the first takes a batch's places, its guess (three places) is refused with the stored
+    # item, and the exact write takes the one place there is.
+    assert governor.take_messages("m365", M365, 10).granted == 1
+    assert requests_made == ["UpdateItem", "UpdateItem"]
+    with pytest.raises(GovernorDelay):
+        another_environment(clock).take_messages("m365", M365, 1)
+
+
+def test_a_full_bucket_guessed_where_another_environment_took_places_costs_no_read(
+    governor, clock, requests_made
+):
+    governor.take_messages("m365", M365, 1)
+    clock.now += 10  # refilled, as far as this environment knows
+    another_environment(clock).take_messages("m365", M365, 2)
+    requests_made.clear()
+
+    assert governor.take_messages("m365", M365, 10).granted == 1
+    assert requests_made == ["UpdateItem", "UpdateItem"]
+
+
+def test_an_empty_bucket_answers_its_delay_without_a_read(governor, clock, requests_made):
+    governor.take_messages("m365", M365, 3)
+    requests_made.clear()
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_messages("m365", M365, 1)
+
+    assert delay.value.retry_after == pytest.approx(60 / 28, abs=1e-5)
+    assert requests_made == ["UpdateItem"]
+
+
+def test_places_given_back_are_known_to_the_next_guess(governor, clock, requests_made):
+    grant = governor.take_messages("m365", M365, 3)
+    governor.give_back(grant, 2)
+    requests_made.clear()
+
+    assert governor.take_messages("m365", M365, 10).granted == 2
+    assert requests_made == ["UpdateItem"]
+
+
+# ---------------------------------------------------------------- buckets written as tokens
+
+
+def old_bucket(dynamodb, integration_id: str, **attributes: float) -> None:
+    """A bucket item as written before the bucket kept a theoretical arrival time."""
+    item = {"pk": {"S": f"gov#{integration_id}#rate"}, "version": {"N": "7"}}
+    item.update({name: {"N": f"{value:.6f}"} for name, value in attributes.items()})
+    dynamodb.put_item(TableName=TABLE, Item=item)
+
+
+def test_a_bucket_written_as_tokens_keeps_its_tokens_and_is_converted(
+    governor, clock, dynamodb, requests_made
+):
+    # Given a bucket of 30 a minute written as 1.5 tokens a second ago (1.5 + 28/60 now),
+    old_bucket(dynamodb, "m365", tokens=1.5, refilled_at=clock.now - 1)
+    requests_made.clear()
+
+    # a batch takes the one whole place it holds (the guessed write refused, no read),
+    assert governor.take_messages("m365", M365, 10).granted == 1
+    assert requests_made == ["UpdateItem", "UpdateItem"]
+    # and the next place comes when the old bucket would have refilled it: no extra burst.
+    with pytest.raises(GovernorDelay) as delay:
+        another_environment(clock).take_messages("m365", M365, 10)
+    left = 1.5 + 28 / 60 - 1
+    assert delay.value.retry_after == pytest.approx((1 - left) * 60 / 28, abs=1e-5)
+    item = bucket(dynamodb, "m365")
+    assert "tokens" not in item and "refilled_at" not in item and int(item["version"]["N"]) == 8
+
+
+def test_a_full_bucket_written_as_tokens_gives_its_burst_once(governor, clock, dynamodb):
+    old_bucket(dynamodb, "m365", tokens=3, refilled_at=clock.now - 600)
+
+    assert governor.take_messages("m365", M365, 10).granted == 3
+    with pytest.raises(GovernorDelay):
+        governor.take_messages("m365", M365, 10)
+
+
+def test_a_slow_down_window_written_with_tokens_keeps_the_bucket_empty(governor, clock, dynamodb):
+    # As a throttling reply left it: emptied, half the pace for five minutes.
+    old_bucket(dynamodb, "m365", tokens=0, refilled_at=clock.now, slow_until=clock.now + 300)
+    clock.now += 1
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_messages("m365", M365, 10)
+
+    assert delay.value.retry_after == pytest.approx(3.0, abs=1e-5)  # one every 4 s
+
+
+# ---------------------------------------------------------------- slow-down windows, batch by batch
+
+
+def test_a_slow_down_window_grants_one_place_at_a_time_at_half_the_pace(governor, clock, requests_made):
+    governor.take_messages("m365", M365, 1)
+    governor.slow_down("m365", seconds=60)
+    requests_made.clear()
+
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_messages("m365", M365, 10)
+    assert delay.value.retry_after == pytest.approx(4.0, abs=1e-5)
+    grants = []
+    while clock.now < START + 60:
+        try:
+            grants.append(governor.take_messages("m365", M365, 10).granted)
+        except GovernorDelay as delay:
+            clock.now += delay.retry_after
+
+    assert grants == [1] * 14  # at 4, 8, ... 56 s: 15 a minute from an emptied bucket
+    assert "GetItem" not in requests_made
+
+
+@pytest.mark.parametrize("per_minute", [1, 7, 30, 60])
+def test_no_sixty_second_window_holds_more_than_messages_per_minute_around_a_slow_down(
+    governor, clock, per_minute
+):
+    limits = Limits(messages_per_minute=per_minute)
+    sent: list[float] = []
+    end = clock.now + 300
+    slowed = False
+    while clock.now < end:
+        if not slowed and clock.now >= START + 70:
+            governor.slow_down("mbx", seconds=90)
+            slowed = True
+        try:
+            grant = governor.take_messages("mbx", limits, 4)
+        except GovernorDelay as delay:
+            clock.now += delay.retry_after
+            continue
+        sent.extend([clock.now] * grant.granted)
+        clock.now += 0.25
+
+    busiest = max(sum(1 for t in sent if start <= t < start + 60) for start in sent)
+    assert busiest <= per_minute
+    slowed_window = [t for t in sent if START + 70 <= t < START + 160]
+    assert len(slowed_window) <= per_minute * 90 / 120 + 1
+
+
+# ---------------------------------------------------------------- racing batches with time passing
+
+
+class RacingClock:
+    """A clock shared by racing environments: each reading moves it on by ``step``; each thread
+    remembers the last reading it got (the time its governor's write was computed for)."""
+
+    def __init__(self, step: float) -> None:
+        self.now = START
+        self.step = step
+        self._lock = threading.Lock()
+        self.seen = threading.local()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.now += self.step
+            self.seen.last = self.now
+            return self.now
+
+
+@pytest.mark.parametrize("per_minute", [7, 30, 100])
+def test_racing_environments_never_put_more_than_messages_per_minute_in_a_sixty_second_window(
+    dynamodb, per_minute
+):
+    limits = Limits(messages_per_minute=per_minute)
+    clock = RacingClock(step=0.5)  # about 80 s in all
+    sent: list[float] = []
+    lock = threading.Lock()
+
+    def sender(n: int) -> None:
+        governor = another_environment(clock)
+        for i in range(30):
+            try:
+                grant = governor.take_messages("mbx", limits, 1 + (n + i) % 5)
+            except GovernorDelay:
+                continue
+            taken_at = clock.seen.last
+            used = grant.granted if i % 3 else max(1, grant.granted // 2)
+            governor.give_back(grant, grant.granted - used)
+            with lock:
+                sent.extend([taken_at] * used)
+            if n == 0 and i == 12:
+                governor.slow_down("mbx", seconds=20)
+
+    race(sender, environments=4)
+
+    busiest = max(sum(1 for t in sent if start <= t < start + 60) for start in sent)
+    assert busiest <= per_minute
+    assert len(sent) >= per_minute  # the limit held while work got done

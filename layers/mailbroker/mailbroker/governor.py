@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from mailbroker.dynamodb import Table, integer, num, number
@@ -73,26 +74,35 @@ class ConnectionSlot:
 @dataclass(frozen=True)
 class RateGrant:
     """Places in an integration's pace taken at once by :meth:`SendGovernor.take_messages`;
-    ``version`` is the bucket's version the taking write left (None: no rate limit)."""
+    ``version`` is the bucket's version the taking write left (None: no rate limit), ``spacing``
+    the microseconds one place is worth in the pace it was taken under."""
 
     integration_id: str
     granted: int
     version: int | None
+    spacing: int = 0
 
 
 @dataclass(frozen=True)
 class Pace:
-    """Messages per second refilled into a bucket holding at most ``burst`` tokens."""
+    """Messages per second refilled into a bucket holding at most ``burst`` tokens; ``spacing``
+    is the microseconds one token takes to refill, rounded up."""
 
     rate: float
     burst: float
+    spacing: int
 
     @classmethod
     def of(cls, messages_per_minute: int, *, slowed: bool) -> Pace:
         if slowed:
-            return cls(rate=messages_per_minute / 120.0, burst=1.0)
+            return cls(
+                rate=messages_per_minute / 120.0,
+                burst=1.0,
+                spacing=-(-120 * _MICROS // messages_per_minute),
+            )
         burst = max(1, messages_per_minute // 10)
-        return cls(rate=(messages_per_minute - burst + 1) / 60.0, burst=float(burst))
+        refilled = messages_per_minute - burst + 1  # per minute
+        return cls(rate=refilled / 60.0, burst=float(burst), spacing=-(-60 * _MICROS // refilled))
 
 
 class SendGovernor:
@@ -111,6 +121,8 @@ class SendGovernor:
         self._clock = clock
         self._sleep = sleep
         self._busy_retry = busy_retry_seconds
+        # Each bucket's ``tat`` as this governor last left or saw it: which write to try first.
+        self._known_tat: dict[str, int] = {}
 
     # ------------------------------------------------------------------ connections
 
@@ -191,67 +203,47 @@ class SendGovernor:
 
     def take_message(self, integration_id: str, limits: Limits, recipients: int = 1) -> None:
         """Count one message to ``recipients`` recipients against the integration's rate and
-        daily cap, or raise :class:`GovernorDelay` without counting anything."""
-        per_day = limits.recipients_per_day
-        counted_day: str | None = None
+        daily cap, or raise :class:`GovernorDelay`: a place the daily cap refuses goes back into
+        the pace (unless another environment wrote the bucket since, which only makes the pace
+        stricter for a moment)."""
+        grant = self.take_messages(integration_id, limits, 1)
         try:
-            for attempt in range(_ATTEMPTS):
-                now = self._clock()
-                key = _rate_key(integration_id)
-                item = self._get(key) if limits.messages_per_minute else {}
-                tokens = 0.0
-                if limits.messages_per_minute:
-                    pace = Pace.of(limits.messages_per_minute, slowed=number(item, "slow_until") > now)
-                    tokens = _refilled(item, pace, now)
-                    if tokens < 1.0:
-                        raise GovernorDelay((1.0 - tokens) / pace.rate, "rate")
-                if per_day and counted_day is None:
-                    counted_day = self._count_recipients(integration_id, per_day, recipients, now)
-                if not limits.messages_per_minute:
-                    counted_day = None
-                    return
-                if self._put_versioned(
-                    key,
-                    integer(item, "version"),
-                    "SET tokens = :tokens, refilled_at = :now",
-                    {":tokens": {"N": _tokens(tokens - 1.0)}, ":now": {"N": _time(now)}},
-                    ttl=now + _TTL_GRACE,
-                ):
-                    counted_day = None  # the message is through: keep the count
-                    return
-                self._back_off(attempt)
-            raise GovernorDelay(_CONTENDED_RETRY, "contention")
-        finally:
-            if counted_day is not None:
-                self._uncount_recipients(integration_id, counted_day, recipients)
+            self.count_recipients(integration_id, limits, recipients)
+        except BaseException:
+            self.give_back(grant, 1)
+            raise
 
-    def take_messages(self, integration_id: str, limits: Any, wanted: int) -> RateGrant:
-        """Take up to ``wanted`` messages' places in the integration's pace in one conditional
-        write: as many as the bucket holds now (at least one, or :class:`GovernorDelay`). Places
-        a batch does not use go back with :meth:`give_back`. The daily recipient cap is counted
-        per message, with :meth:`count_recipients`."""
+    def take_messages(self, integration_id: str, limits: Limits, wanted: int) -> RateGrant:
+        """Take up to ``wanted`` messages' places in the integration's pace: as many as the
+        bucket holds now (at least one, or :class:`GovernorDelay`). One conditional write when
+        the bucket is as this governor expects it (full, or still within reach of what it last
+        left); otherwise that write answers the stored item, and one exact write on its version
+        follows, with no read. Places a batch does not use go back with :meth:`give_back`. The
+        daily recipient cap is counted per message, with :meth:`count_recipients`."""
         wanted = max(1, wanted)
-        if not limits.messages_per_minute:
+        per_minute = limits.messages_per_minute
+        if not per_minute:
             return RateGrant(integration_id, wanted, None)
         key = _rate_key(integration_id)
+        current: dict[str, Any] | None = None  # the item as the last refused write answered it
         for attempt in range(_ATTEMPTS):
-            now = self._clock()
-            item = self._get(key)
-            pace = Pace.of(limits.messages_per_minute, slowed=number(item, "slow_until") > now)
-            tokens = _refilled(item, pace, now)
-            if tokens < 1.0:
-                raise GovernorDelay((1.0 - tokens) / pace.rate, "rate")
-            granted = min(wanted, math.floor(tokens + 1e-9))
-            version = integer(item, "version")
-            if self._put_versioned(
-                key,
-                version,
-                "SET tokens = :tokens, refilled_at = :now",
-                {":tokens": {"N": _tokens(tokens - granted)}, ":now": {"N": _time(now)}},
-                ttl=now + _TTL_GRACE,
-            ):
-                return RateGrant(integration_id, granted, (version or 0) + 1)
-            self._back_off(attempt)
+            now = _Now.read(self._clock)
+            if current is None:
+                write = _guessed(self._known_tat.get(key), per_minute, wanted, now)
+            else:
+                write = _exact(current, per_minute, wanted, now)  # or GovernorDelay
+            written, answer = self._table.update_or_current(
+                key, write.expression, condition=write.condition, names={"#ttl": "ttl"}, values=write.values
+            )
+            if written:  # ``answer``: the item before the write
+                before = answer or {}
+                self._known_tat[key] = write.tat_after(before)
+                return RateGrant(
+                    integration_id, write.granted, (integer(before, "version") or 0) + 1, write.spacing
+                )
+            if current is not None:
+                self._back_off(attempt)  # another environment wrote between two exact writes
+            current = answer or {}
         raise GovernorDelay(_CONTENDED_RETRY, "contention")
 
     def give_back(self, grant: RateGrant, unused: int) -> None:
@@ -260,13 +252,17 @@ class SendGovernor:
         which only slows the pace down for a moment (never past the limit)."""
         if unused <= 0 or grant.version is None:
             return
+        key = _rate_key(grant.integration_id)
+        returned = unused * grant.spacing
         with contextlib.suppress(AwsUnavailable):
-            self._table.update(
-                _rate_key(grant.integration_id),
-                "SET tokens = tokens + :n",
+            given = self._table.update(
+                key,
+                "SET tat = tat - :returned",
                 condition="version = :ours",
-                values={":n": {"N": str(unused)}, ":ours": {"N": str(grant.version)}},
+                values={":returned": {"N": _stamp(returned)}, ":ours": {"N": str(grant.version)}},
             )
+            if given and key in self._known_tat:
+                self._known_tat[key] -= returned
 
     def count_recipients(self, integration_id: str, limits: Any, recipients: int) -> None:
         """Count one message's recipients against the daily cap, or raise :class:`GovernorDelay`
@@ -278,8 +274,11 @@ class SendGovernor:
         """After a throttling reply: for ``seconds``, half the pace and half the connections."""
         now = self._clock()
         until = now + seconds
-        self._open_window(_rate_key(integration_id), until, "tokens = :zero, refilled_at = :now", now)
-        self._open_window(_conn_key(integration_id), until, "", now)
+        # The bucket is empty under the slowed pace from ``slowed_at``: the next place is one
+        # slowed spacing later (the pace, and so the spacing, is known when a place is taken).
+        emptied = {":slowed_at": {"N": _stamp(math.ceil(now * _MICROS))}}
+        self._open_window(_rate_key(integration_id), until, "slowed_at = :slowed_at", emptied)
+        self._open_window(_conn_key(integration_id), until)
 
     # ------------------------------------------------------------------ DynamoDB
 
@@ -357,7 +356,9 @@ class SendGovernor:
                 key, "SET wanted_until = :until", values={":until": {"N": _time(now + _WANTED_SECONDS)}}
             )
 
-    def _open_window(self, key: str, until: float, extra: str, now: float) -> None:
+    def _open_window(
+        self, key: str, until: float, extra: str = "", extra_values: dict[str, Any] | None = None
+    ) -> None:
         """Set ``slow_until`` unless a longer window is already open; bump the version so that a
         write computed before the window cannot land after it."""
         update = "SET slow_until = :until, #ttl = :ttl, version = if_not_exists(version, :zero) + :one"
@@ -369,7 +370,7 @@ class SendGovernor:
         }
         if extra:
             update += f", {extra}"
-            values[":now"] = {"N": _time(now)}
+            values.update(extra_values or {})
         # False: a window at least as long is already open.
         self._table.update(
             key,
@@ -389,9 +390,131 @@ def _connection_cap(max_connections: int | None, *, slowed: bool) -> int | None:
     return max(1, max_connections // 2) if max_connections else 1
 
 
+# ---------------------------------------------------------------------- the message bucket
+
+_MICROS = 1_000_000
+# Every write of a bucket item moves its version (``give_back`` answers to it) and its expiry.
+_BUMP = "version = if_not_exists(version, :zero) + :one, #ttl = :ttl"
+_NOT_SLOWED = "(attribute_not_exists(slow_until) OR slow_until <= :before)"
+
+
+@dataclass(frozen=True)
+class _Now:
+    """The clock to the microsecond: ``before`` (rounded down) in every comparison, ``after``
+    (rounded up) in every time written, so a rounding only ever costs capacity."""
+
+    before: int
+    after: int
+
+    @classmethod
+    def read(cls, clock: Callable[[], float]) -> _Now:
+        moment = clock() * _MICROS
+        return cls(math.floor(moment), math.ceil(moment))
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One conditional write taking ``granted`` places of ``spacing`` microseconds each."""
+
+    granted: int
+    spacing: int
+    expression: str
+    condition: str
+    values: dict[str, Any]
+    tat: int | None  # the tat it writes; None: the stored one moved by ``taken``
+
+    def tat_after(self, before: dict[str, Any]) -> int:
+        """The tat this write left on ``before``, the item as it was."""
+        if self.tat is not None:
+            return self.tat
+        return _micros(before, "tat") + self.granted * self.spacing
+
+
+def _guessed(known_tat: int | None, per_minute: int, wanted: int, now: _Now) -> _Write:
+    """The write that needs no read when the bucket is as expected: a full bucket (no item, or
+    one refilled by now) takes up to ``burst`` places; a bucket still refilling takes what its
+    ``tat`` last known leaves, by moving the stored ``tat`` on. Either fails on an item in a
+    slow-down window or one written before the bucket kept a ``tat``."""
+    pace = Pace.of(per_minute, slowed=False)
+    burst = int(pace.burst)
+    values = _bump_values(now)
+    values[":before"] = {"N": _stamp(now.before)}
+    if known_tat is None or known_tat < now.after:
+        granted = min(wanted, burst)
+        tat = now.after + granted * pace.spacing
+        values[":tat"] = {"N": _stamp(tat)}
+        condition = f"(attribute_not_exists(pk) OR tat <= :before) AND {_NOT_SLOWED}"
+        return _Write(granted, pace.spacing, f"SET tat = :tat, {_BUMP}", condition, values, tat)
+    granted = max(1, min(wanted, _places(known_tat, pace, now)))
+    values[":after"] = {"N": _stamp(now.after)}
+    # At least ``granted`` whole places: tat - now <= (burst - granted) spacings.
+    values[":edge"] = {"N": _stamp(now.before + (burst - granted) * pace.spacing)}
+    values[":taken"] = {"N": _stamp(granted * pace.spacing)}
+    condition = f"tat >= :after AND tat <= :edge AND {_NOT_SLOWED}"
+    return _Write(granted, pace.spacing, f"SET tat = tat + :taken, {_BUMP}", condition, values, None)
+
+
+def _exact(item: dict[str, Any], per_minute: int, wanted: int, now: _Now) -> _Write:
+    """The places the stored ``item`` holds now, written on its version; or
+    :class:`GovernorDelay` until the first place refills."""
+    slowed = _micros(item, "slow_until") > now.before
+    pace = Pace.of(per_minute, slowed=slowed)
+    tat = _stored_tat(item, pace, now)
+    if slowed:  # emptied when the window opened (an old window kept its tokens: read above)
+        tat = max(tat, _micros(item, "slowed_at") + pace.spacing)
+    places = _places(tat, pace, now)
+    if places < 1:
+        wait = tat - (int(pace.burst) - 1) * pace.spacing - now.before
+        raise GovernorDelay((wait + 1) / _MICROS, "rate")
+    granted = min(wanted, places)
+    tat = max(tat, now.after) + granted * pace.spacing
+    values = _bump_values(now)
+    values[":tat"] = {"N": _stamp(tat)}
+    version = integer(item, "version")
+    if version is None:
+        condition = "attribute_not_exists(version)"
+    else:
+        condition = "version = :seen"
+        values[":seen"] = {"N": str(version)}
+    expression = f"SET tat = :tat, {_BUMP} REMOVE tokens, refilled_at"
+    return _Write(granted, pace.spacing, expression, condition, values, tat)
+
+
+def _stored_tat(item: dict[str, Any], pace: Pace, now: _Now) -> int:
+    """The item's theoretical arrival time: when the bucket is full again under ``pace``."""
+    if "tat" in item:
+        return _micros(item, "tat")
+    if "refilled_at" in item:  # written before the bucket kept a tat: the same bucket, converted
+        tokens = _refilled(item, pace, now.before / _MICROS)
+        return now.after + math.ceil((pace.burst - tokens) * pace.spacing)
+    return now.before  # no bucket yet: a full one
+
+
+def _places(tat: int, pace: Pace, now: _Now) -> int:
+    """Whole places a bucket whose theoretical arrival time is ``tat`` holds now (< 1: none)."""
+    return (int(pace.burst) * pace.spacing - max(0, tat - now.before)) // pace.spacing
+
+
+def _bump_values(now: _Now) -> dict[str, Any]:
+    return {
+        ":zero": {"N": "0"},
+        ":one": {"N": "1"},
+        ":ttl": {"N": str(now.after // _MICROS + _TTL_GRACE)},
+    }
+
+
+def _micros(item: dict[str, Any], name: str) -> int:
+    """A stored time (or span) in seconds as whole microseconds, rounded up; 0 when absent."""
+    return math.ceil(Decimal(item[name]["N"]) * _MICROS) if name in item else 0
+
+
+def _stamp(micros: int) -> str:
+    """Whole microseconds as DynamoDB's ``N`` text in seconds, exactly."""
+    return f"{Decimal(micros).scaleb(-6):f}"
+
+
 def _refilled(item: dict[str, Any], pace: Pace, now: float) -> float:
-    if "refilled_at" not in item:
-        return pace.burst
+    """The tokens of a bucket written as ``tokens`` and ``refilled_at``."""
     elapsed = max(0.0, now - number(item, "refilled_at"))
     return min(pace.burst, number(item, "tokens") + elapsed * pace.rate)
 
@@ -410,8 +533,3 @@ def _day_key(integration_id: str, day: str) -> str:
 
 def _time(value: float) -> str:
     return num(value, places=6)
-
-
-def _tokens(value: float) -> str:
-    """Round down: a rounding error may only ever cost capacity, never add it."""
-    return f"{math.floor(max(0.0, value) * 1e9) / 1e9:.9f}"
