@@ -7,18 +7,33 @@ are enforced with three small DynamoDB items, each written only by a conditional
 - ``gov#<id>#conn`` — the connection semaphore: a map of slot → lease expiry. A slot is taken by
   rewriting the map of live leases plus the new one, on condition that ``version`` is still the
   one read; a holder that dies leaves a lease that simply expires.
-- ``gov#<id>#rate`` — a token bucket for messages per minute: ``tokens`` and ``refilled_at``,
-  taken the same way (read, compute the refill, write on the version read). The bucket holds
-  ``burst = max(1, n // 10)`` tokens and refills at ``(n - burst + 1) / 60`` per second, so no
-  60-second window ever holds more than ``n`` messages, bursts included.
+- ``gov#<id>#rate`` — a token bucket for messages per minute. It holds ``burst = max(1, n // 10)``
+  tokens and refills one every ``spacing = 60 / (n - burst + 1)`` seconds, so no 60-second window
+  ever holds more than ``n`` messages, bursts included. It is stored as ``tat``, the time at which
+  it is full again (GCRA's theoretical arrival time): at ``now`` it holds
+  ``min(burst, burst - (tat - now) / spacing)`` tokens, and taking ``k`` moves ``tat`` to
+  ``max(tat, now) + k * spacing`` — the same bucket, with one number instead of two. So a batch
+  takes its places with one write that needs no read: ``SET tat = :now + k·spacing`` on condition
+  the bucket is full (no item, or ``tat <= now``), or ``SET tat = tat + k·spacing`` on condition
+  ``now <= tat <= now + (burst - k)·spacing``, which of the two from what this environment last
+  left. A refused write answers the stored item (``ReturnValuesOnConditionCheckFailure``); the
+  exact grant is computed on it and written on its ``version``, as the other items are. Every
+  write moves ``version``, so :meth:`SendGovernor.give_back` returns unused places only when
+  nobody wrote since. Times are whole microseconds, rounded against the caller (comparisons use
+  the microsecond before the clock, writes the one after, spacings round up). An item written as
+  ``tokens`` and ``refilled_at`` is read as that bucket and rewritten as ``tat`` on its next write
+  (both guessed writes fail on it).
 - ``gov#<id>#day#<YYYY-MM-DD>`` — recipients sent on that UTC day, counted with a conditional
   ``ADD`` that refuses to pass the cap (a single message larger than the whole cap goes through on
   an otherwise empty day, so it is never held back forever).
 
 A throttling reply (432, 421, 451 4.7.x, 454, 450 4.2.1) calls :meth:`SendGovernor.slow_down`,
-which opens a slow-down window on both items: the bucket is emptied, refills at half the rate
-with a burst of one, and new connections are capped at half of ``max_connections`` (one when the
-integration sets no connection limit). Capacity already in use is not revoked.
+which opens a slow-down window on both items: the bucket is emptied (``slowed_at``: its next
+token is one slowed spacing later), refills at half the rate with a burst of one, and new
+connections are capped at half of ``max_connections`` (one when the integration sets no
+connection limit). Capacity already in use is not revoked. The guessed writes fail inside a
+window, so its places are always taken by the exact write; when it ends, ``tat`` is read under
+the full pace again.
 
 Over a limit is not a failure: :class:`GovernorDelay` carries ``retry_after``, the seconds until
 capacity returns, and the sender puts the message back on the queue for that long without
