@@ -705,6 +705,25 @@ def test_a_full_bucket_written_as_tokens_gives_its_burst_once(governor, clock, d
         governor.take_messages("m365", M365, 10)
 
 
+def test_tokens_written_over_a_converted_bucket_are_honoured(governor, clock, dynamodb, requests_made):
+    # Given a converted bucket, full again, that an older sender then emptied as it wrote buckets,
+    governor.take_messages("m365", M365, 1)
+    clock.now += 60
+    dynamodb.update_item(
+        TableName=TABLE,
+        Key={"pk": {"S": "gov#m365#rate"}},
+        UpdateExpression="SET tokens = :zero, refilled_at = :now",
+        ExpressionAttributeValues={":zero": {"N": "0"}, ":now": {"N": f"{clock.now:.6f}"}},
+    )
+    requests_made.clear()
+
+    # the guessed write is refused and the empty bucket's delay holds.
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_messages("m365", M365, 10)
+    assert delay.value.retry_after == pytest.approx(60 / 28, abs=1e-5)
+    assert requests_made == ["UpdateItem"]
+
+
 def test_a_slow_down_window_written_with_tokens_keeps_the_bucket_empty(governor, clock, dynamodb):
     # As a throttling reply left it: emptied, half the pace for five minutes.
     old_bucket(dynamodb, "m365", tokens=0, refilled_at=clock.now, slow_until=clock.now + 300)

@@ -22,7 +22,7 @@ are enforced with three small DynamoDB items, each written only by a conditional
   nobody wrote since. Times are whole microseconds, rounded against the caller (comparisons use
   the microsecond before the clock, writes the one after, spacings round up). An item written as
   ``tokens`` and ``refilled_at`` is read as that bucket and rewritten as ``tat`` on its next write
-  (both guessed writes fail on it).
+  (both guessed writes fail on it; an item with both is read as the stricter).
 - ``gov#<id>#day#<YYYY-MM-DD>`` — recipients sent on that UTC day, counted with a conditional
   ``ADD`` that refuses to pass the cap (a single message larger than the whole cap goes through on
   an otherwise empty day, so it is never held back forever).
@@ -410,7 +410,11 @@ def _connection_cap(max_connections: int | None, *, slowed: bool) -> int | None:
 _MICROS = 1_000_000
 # Every write of a bucket item moves its version (``give_back`` answers to it) and its expiry.
 _BUMP = "version = if_not_exists(version, :zero) + :one, #ttl = :ttl"
-_NOT_SLOWED = "(attribute_not_exists(slow_until) OR slow_until <= :before)"
+# What a guessed write assumes besides the bucket's level: no slow-down window open, and no
+# ``tokens``/``refilled_at`` written by an earlier version of this module.
+_AS_GUESSED = (
+    "(attribute_not_exists(slow_until) OR slow_until <= :before) AND attribute_not_exists(refilled_at)"
+)
 
 
 @dataclass(frozen=True)
@@ -458,14 +462,14 @@ def _guessed(known_tat: int | None, per_minute: int, wanted: int, now: _Now) -> 
         granted = min(wanted, burst)
         tat = now.after + granted * pace.spacing
         values[":tat"] = {"N": _stamp(tat)}
-        condition = f"(attribute_not_exists(pk) OR tat <= :before) AND {_NOT_SLOWED}"
+        condition = f"(attribute_not_exists(pk) OR tat <= :before) AND {_AS_GUESSED}"
         return _Write(granted, pace.spacing, f"SET tat = :tat, {_BUMP}", condition, values, tat)
     granted = max(1, min(wanted, _places(known_tat, pace, now)))
     values[":after"] = {"N": _stamp(now.after)}
     # At least ``granted`` whole places: tat - now <= (burst - granted) spacings.
     values[":edge"] = {"N": _stamp(now.before + (burst - granted) * pace.spacing)}
     values[":taken"] = {"N": _stamp(granted * pace.spacing)}
-    condition = f"tat >= :after AND tat <= :edge AND {_NOT_SLOWED}"
+    condition = f"tat >= :after AND tat <= :edge AND {_AS_GUESSED}"
     return _Write(granted, pace.spacing, f"SET tat = tat + :taken, {_BUMP}", condition, values, None)
 
 
@@ -496,13 +500,14 @@ def _exact(item: dict[str, Any], per_minute: int, wanted: int, now: _Now) -> _Wr
 
 
 def _stored_tat(item: dict[str, Any], pace: Pace, now: _Now) -> int:
-    """The item's theoretical arrival time: when the bucket is full again under ``pace``."""
-    if "tat" in item:
-        return _micros(item, "tat")
-    if "refilled_at" in item:  # written before the bucket kept a tat: the same bucket, converted
+    """The item's theoretical arrival time: when the bucket is full again under ``pace`` (no
+    bucket yet: a full one). An item with ``tokens`` and ``refilled_at`` was written before the
+    bucket kept a ``tat``: the same bucket, converted (the later of the two when it has both)."""
+    tat = max(now.before, _micros(item, "tat"))
+    if "refilled_at" in item:
         tokens = _refilled(item, pace, now.before / _MICROS)
-        return now.after + math.ceil((pace.burst - tokens) * pace.spacing)
-    return now.before  # no bucket yet: a full one
+        tat = max(tat, now.after + math.ceil((pace.burst - tokens) * pace.spacing))
+    return tat
 
 
 def _places(tat: int, pace: Pace, now: _Now) -> int:
