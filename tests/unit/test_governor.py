@@ -659,6 +659,32 @@ def test_an_empty_bucket_answers_its_delay_without_a_read(governor, clock, reque
     assert requests_made == ["UpdateItem"]
 
 
+def test_the_next_invocation_of_an_environment_guesses_from_what_the_last_one_left(
+    dynamodb, clock, requests_made
+):
+    # Each invocation builds its governor; the environment keeps what they learned.
+    known: dict = {}
+    SendGovernor(dynamodb, TABLE, clock=clock, known_tats=known).take_messages("m365", M365, 1)
+    clock.now += 0.5
+    requests_made.clear()
+
+    grant = SendGovernor(dynamodb, TABLE, clock=clock, known_tats=known).take_messages("m365", M365, 10)
+
+    assert grant.granted == 2
+    assert requests_made == ["UpdateItem"]
+
+
+def test_a_delay_answered_by_the_stored_item_guides_the_next_guess(governor, clock, requests_made):
+    another_environment(clock).take_messages("m365", M365, 3)
+    with pytest.raises(GovernorDelay) as delay:
+        governor.take_messages("m365", M365, 10)
+    clock.now += delay.value.retry_after
+    requests_made.clear()
+
+    assert governor.take_messages("m365", M365, 10).granted == 1
+    assert requests_made == ["UpdateItem"]
+
+
 def test_places_given_back_are_known_to_the_next_guess(governor, clock, requests_made):
     grant = governor.take_messages("m365", M365, 3)
     governor.give_back(grant, 2)

@@ -129,15 +129,18 @@ class SendGovernor:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         busy_retry_seconds: float = 5.0,
+        known_tats: dict[tuple[str, str], int] | None = None,
     ) -> None:
         """``busy_retry_seconds`` caps the delay given when every connection is taken: a live
-        holder usually releases long before its lease expires."""
+        holder usually releases long before its lease expires. ``known_tats``: each bucket's
+        ``tat`` as the governor last left or saw it, which decides the write tried first; pass
+        one kept for the execution environment's life so the next invocation guesses right
+        (a wrong guess costs one more write, never a limit)."""
         self._table = Table(dynamodb_client, table, purpose="for the send governor")
         self._clock = clock
         self._sleep = sleep
         self._busy_retry = busy_retry_seconds
-        # Each bucket's ``tat`` as this governor last left or saw it: which write to try first.
-        self._known_tat: dict[str, int] = {}
+        self._known_tat = known_tats if known_tats is not None else {}
 
     # ------------------------------------------------------------------ connections
 
@@ -240,11 +243,12 @@ class SendGovernor:
         if not per_minute:
             return RateGrant(integration_id, wanted, None)
         key = _rate_key(integration_id)
+        known = (self._table.name, key)
         current: dict[str, Any] | None = None  # the item as the last refused write answered it
         for attempt in range(_ATTEMPTS):
             now = _Now.read(self._clock)
             if current is None:
-                write = _guessed(self._known_tat.get(key), per_minute, wanted, now)
+                write = _guessed(self._known_tat.get(known), per_minute, wanted, now)
             else:
                 write = _exact(current, per_minute, wanted, now)  # or GovernorDelay
             written, answer = self._table.update_or_current(
@@ -252,13 +256,15 @@ class SendGovernor:
             )
             if written:  # ``answer``: the item before the write
                 before = answer or {}
-                self._known_tat[key] = write.tat_after(before)
+                self._known_tat[known] = write.tat_after(before)
                 return RateGrant(
                     integration_id, write.granted, (integer(before, "version") or 0) + 1, write.spacing
                 )
             if current is not None:
                 self._back_off(attempt)  # another environment wrote between two exact writes
             current = answer or {}
+            if "tat" in current:
+                self._known_tat[known] = _micros(current, "tat")
         raise GovernorDelay(_CONTENDED_RETRY, "contention")
 
     def give_back(self, grant: RateGrant, unused: int) -> None:
@@ -268,6 +274,7 @@ class SendGovernor:
         if unused <= 0 or grant.version is None:
             return
         key = _rate_key(grant.integration_id)
+        known = (self._table.name, key)
         returned = unused * grant.spacing
         with contextlib.suppress(AwsUnavailable):
             given = self._table.update(
@@ -276,8 +283,8 @@ class SendGovernor:
                 condition="version = :ours",
                 values={":returned": {"N": _stamp(returned)}, ":ours": {"N": str(grant.version)}},
             )
-            if given and key in self._known_tat:
-                self._known_tat[key] -= returned
+            if given and known in self._known_tat:
+                self._known_tat[known] -= returned
 
     def count_recipients(self, integration_id: str, limits: Any, recipients: int) -> None:
         """Count one message's recipients against the daily cap, or raise :class:`GovernorDelay`

@@ -86,6 +86,8 @@ def token_broker() -> TokenBroker:
 
 
 _idle_sessions: dict[float, IdleSessions] = {}
+# What the sender's governor last learned of each message bucket, across invocations.
+_known_tats: dict[tuple[str, str], int] = {}
 
 
 def idle_sessions(idle_seconds: float) -> IdleSessions:
@@ -170,7 +172,7 @@ def send_governor(settings: MessageTableEnv) -> SendGovernor:
     """Per-integration pace and connection slots, shared by every sender."""
     from mailbroker.governor import SendGovernor
 
-    return SendGovernor(aws_client("dynamodb"), settings.message_table)
+    return SendGovernor(aws_client("dynamodb"), settings.message_table, known_tats=_known_tats)
 
 
 def health_store(settings: TokenTableEnv) -> HealthStore:
