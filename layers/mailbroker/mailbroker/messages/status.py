@@ -252,19 +252,11 @@ class MessageStatusStore:
         return before, claimed
 
     def sent(
-        self,
-        message_id: str,
-        integration: str,
-        seen: MessageRecord | None,
-        *,
-        reply: str,
-        refused: list[dict[str, str]],
-        recipients: list[dict[str, Any]] | None = None,
+        self, message_id: str, integration: str, seen: MessageRecord | None, **outcome: Any
     ) -> MessageRecord:
-        """The server took the message: written whatever happened to the record meanwhile."""
-        record = self.sent_record(
-            message_id, integration, seen, reply=reply, refused=refused, recipients=recipients
-        )
+        """The server took the message: :meth:`sent_record`'s record (``outcome``: its reply,
+        refused and recipients), written whatever happened to the record meanwhile."""
+        record = self.sent_record(message_id, integration, seen, **outcome)
         return self._write(record, None, unconditional=True)
 
     def sent_record(
