@@ -349,6 +349,20 @@ def test_a_second_copy_in_the_batch_that_sent_the_first_is_a_duplicate(pipeline:
     assert pipeline.delays() == []
 
 
+def test_a_second_copy_that_fails_before_its_claim_still_finds_the_first_sent(pipeline: MailPipeline) -> None:
+    # The same id again in the batch, this time from a sender the integration does not allow: it
+    # fails before its claim, reads the record then, and must find the first copy's `sent`.
+    integration = pipeline.add("microsoft")
+    message = pipeline.message(integration)
+    altered = {**message, "from": {"email": "ceo@contoso.com"}}
+
+    assert pipeline.deliver(message, altered) == []
+
+    assert pipeline.delivered(message["id"]) == 1
+    assert pipeline.status(message["id"])["status"] == "sent"
+    assert message["id"] not in pipeline.dead_letters()  # a duplicate, not a failure
+
+
 def test_places_in_the_pace_the_batch_did_not_use_are_given_back(pipeline: MailPipeline) -> None:
     # Given an integration at 30 a minute (a full bucket: a burst of 3) and two ids already sent,
     integration = pipeline.add("microsoft", limits={"messages_per_minute": 30})

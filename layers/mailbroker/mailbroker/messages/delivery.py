@@ -16,7 +16,7 @@
 4. sends, and notes ``sent`` with the server's final reply and any refused recipients. The
    batch's ``sent`` records are written together when the batch ends, 25 to a ``BatchWriteItem``
    (a write that need not check anything: the id is this sender's), and before a second copy of
-   one of them is claimed.
+   one of them reads or claims its record.
 
 On the happy path that is one status write per message and one request per batch for the
 ``sent`` records; per batch, the governor's pace and, when a session is opened or parked, a write
@@ -350,8 +350,7 @@ class Delivery:
     def _claim(self, item: QueuedRecord, attempt: Attempt, integration_id: str) -> bool:
         """Claim the id (status ``sending``); False for a duplicate. Raises when the record says
         to wait or to stop."""
-        if attempt.message_id in self._unrecorded:
-            self._write_sent()  # a second copy of a message this batch sent: it finds ``sent``
+        self._write_sent_of(attempt.message_id)
         try:
             before, attempt.seen = self.statuses.claim(
                 attempt.message_id, integration_id, holder=self.holder, lease_seconds=self.lease_seconds
@@ -546,7 +545,14 @@ class Delivery:
                 extra={"message_id": record.id, "integration": record.integration, "reply": record.reply},
             )
 
+    def _write_sent_of(self, message_id: str) -> None:
+        """Before a second copy of a message this batch sent reads or claims its record: write
+        the batch's ``sent`` records, so the copy finds ``sent``."""
+        if message_id in self._unrecorded:
+            self._write_sent()
+
     def _load(self, attempt: Attempt) -> None:
+        self._write_sent_of(attempt.message_id)
         attempt.seen = self.statuses.load(attempt.message_id)
         if not attempt.loaded:
             attempt.before = attempt.seen
